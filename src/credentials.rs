@@ -1,0 +1,276 @@
+//! Cloudflare credentials: an API token, or a legacy email and Global API key.
+//!
+//! Secrets are held in [`Secret`], whose `Debug` and `Display` print
+//! `[redacted]`, and are sent only as HTTP headers marked sensitive, so no log
+//! line, error message or panic can carry them.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use http::HeaderValue;
+
+/// A secret string that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    /// The secret itself, for building a header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How the exporter authenticates to Cloudflare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// `Authorization: Bearer <token>`; needs "Access: Policy Test Read".
+    Token(Secret),
+
+    /// `X-Auth-Email` and `X-Auth-Key` (the Global API key).
+    Key {
+        /// The account email the key belongs to.
+        email: String,
+        /// The Global API key.
+        key: Secret,
+    },
+}
+
+/// What is wrong with the credentials given.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// Neither a token nor a key was given.
+    #[error("no Cloudflare credentials: set CLOUDFLARE_API_TOKEN or --cloudflare.api-token-file (or CLOUDFLARE_API_EMAIL with CLOUDFLARE_API_KEY or --cloudflare.api-key-file)")]
+    Missing,
+
+    /// Both schemes were given; which one to use would be a guess.
+    #[error("both an API token and an API key were given: use one of CLOUDFLARE_API_TOKEN/--cloudflare.api-token-file or CLOUDFLARE_API_KEY/--cloudflare.api-key-file")]
+    Both,
+
+    /// The token was given both in the environment and as a file.
+    #[error("the API token was given twice: use CLOUDFLARE_API_TOKEN or --cloudflare.api-token-file, not both")]
+    TokenTwice,
+
+    /// The key was given both in the environment and as a file.
+    #[error("the API key was given twice: use CLOUDFLARE_API_KEY or --cloudflare.api-key-file, not both")]
+    KeyTwice,
+
+    /// A key without the email it belongs to.
+    #[error("an API key needs CLOUDFLARE_API_EMAIL (or --cloudflare.api-email)")]
+    KeyWithoutEmail,
+
+    /// An email without a key.
+    #[error("CLOUDFLARE_API_EMAIL was given without CLOUDFLARE_API_KEY or --cloudflare.api-key-file")]
+    EmailWithoutKey,
+
+    /// A secret file could not be read.
+    #[error("cannot read {what} file {path}: {source}")]
+    Read {
+        /// Which secret: "API token" or "API key".
+        what: &'static str,
+        /// The file named by the flag.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+
+    /// A secret is empty, or has characters an HTTP header cannot carry.
+    #[error("the {what} from {source_name} is empty or not a valid HTTP header value")]
+    Malformed {
+        /// Which secret.
+        what: &'static str,
+        /// Where it came from (environment variable or file), never its value.
+        source_name: String,
+    },
+}
+
+/// The raw inputs, as clap and the environment provide them.
+#[derive(Debug, Default, Clone)]
+pub struct CredentialSources {
+    /// `CLOUDFLARE_API_TOKEN`.
+    pub token_env: Option<Secret>,
+    /// `--cloudflare.api-token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `CLOUDFLARE_API_EMAIL` / `--cloudflare.api-email`.
+    pub email: Option<String>,
+    /// `CLOUDFLARE_API_KEY`.
+    pub key_env: Option<Secret>,
+    /// `--cloudflare.api-key-file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// Resolves the sources into one scheme, reading secret files.
+    pub fn resolve(sources: &CredentialSources) -> Result<Credentials, CredentialsError> {
+        let token = match (&sources.token_env, &sources.token_file) {
+            (Some(_), Some(_)) => return Err(CredentialsError::TokenTwice),
+            (Some(token), None) => Some(checked(
+                "API token",
+                "CLOUDFLARE_API_TOKEN".to_owned(),
+                token.expose().to_owned(),
+            )?),
+            (None, Some(path)) => Some(read_secret("API token", path)?),
+            (None, None) => None,
+        };
+        let key = match (&sources.key_env, &sources.key_file) {
+            (Some(_), Some(_)) => return Err(CredentialsError::KeyTwice),
+            (Some(key), None) => Some(checked(
+                "API key",
+                "CLOUDFLARE_API_KEY".to_owned(),
+                key.expose().to_owned(),
+            )?),
+            (None, Some(path)) => Some(read_secret("API key", path)?),
+            (None, None) => None,
+        };
+        let email = sources.email.as_ref().filter(|e| !e.trim().is_empty());
+
+        match (token, key, email) {
+            (Some(_), Some(_), _) => Err(CredentialsError::Both),
+            (Some(token), None, _) => Ok(Credentials::Token(token)),
+            (None, Some(key), Some(email)) => Ok(Credentials::Key {
+                email: email.trim().to_owned(),
+                key,
+            }),
+            (None, Some(_), None) => Err(CredentialsError::KeyWithoutEmail),
+            (None, None, Some(_)) => Err(CredentialsError::EmailWithoutKey),
+            (None, None, None) => Err(CredentialsError::Missing),
+        }
+    }
+
+    /// The headers that carry these credentials, marked sensitive so that the
+    /// HTTP stack never prints their values.
+    pub fn headers(&self) -> Result<http::HeaderMap, CredentialsError> {
+        let mut headers = http::HeaderMap::new();
+        match self {
+            Credentials::Token(token) => {
+                let value = sensitive("API token", format!("Bearer {}", token.expose()))?;
+                headers.insert(http::header::AUTHORIZATION, value);
+            }
+            Credentials::Key { email, key } => {
+                let email = HeaderValue::from_str(email).map_err(|_| {
+                    CredentialsError::Malformed {
+                        what: "API email",
+                        source_name: "CLOUDFLARE_API_EMAIL".to_owned(),
+                    }
+                })?;
+                headers.insert("x-auth-email", email);
+                headers.insert("x-auth-key", sensitive("API key", key.expose().to_owned())?);
+            }
+        }
+        Ok(headers)
+    }
+}
+
+fn sensitive(what: &'static str, value: String) -> Result<HeaderValue, CredentialsError> {
+    let mut header = HeaderValue::from_str(&value).map_err(|_| CredentialsError::Malformed {
+        what,
+        source_name: "the configured source".to_owned(),
+    })?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// Reads a secret file, dropping the trailing newline editors and `echo` add.
+fn read_secret(what: &'static str, path: &Path) -> Result<Secret, CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    checked(what, path.display().to_string(), text)
+}
+
+fn checked(what: &'static str, source_name: String, value: String) -> Result<Secret, CredentialsError> {
+    let value = value.trim_end_matches(['\n', '\r']).to_owned();
+    let valid = !value.trim().is_empty() && HeaderValue::from_str(&value).is_ok();
+    if valid {
+        Ok(Secret::new(value))
+    } else {
+        Err(CredentialsError::Malformed { what, source_name })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn secret(s: &str) -> Option<Secret> {
+        Some(Secret::new(s.to_owned()))
+    }
+
+    #[test]
+    fn token_file_loses_its_trailing_newline() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(file, "tok-123").expect("write");
+        let creds = Credentials::resolve(&CredentialSources {
+            token_file: Some(file.path().to_owned()),
+            ..Default::default()
+        })
+        .expect("valid");
+
+        assert_eq!(creds, Credentials::Token(Secret::new("tok-123".to_owned())));
+        let headers = creds.headers().expect("headers");
+        let auth = &headers[http::header::AUTHORIZATION];
+        assert_eq!(auth.to_str().expect("ascii"), "Bearer tok-123");
+        assert!(auth.is_sensitive());
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let creds = Credentials::Key {
+            email: "a@example.com".to_owned(),
+            key: Secret::new("supersecretkey".to_owned()),
+        };
+        let printed = format!("{creds:?} {:?}", creds.headers().expect("headers"));
+
+        assert!(!printed.contains("supersecretkey"), "{printed}");
+        assert!(printed.contains("a@example.com"));
+    }
+
+    #[test]
+    fn conflicting_or_missing_sources_are_rejected() {
+        let both = Credentials::resolve(&CredentialSources {
+            token_env: secret("t"),
+            key_env: secret("k"),
+            email: Some("a@example.com".to_owned()),
+            ..Default::default()
+        });
+        let none = Credentials::resolve(&CredentialSources::default());
+        let no_email = Credentials::resolve(&CredentialSources {
+            key_env: secret("k"),
+            ..Default::default()
+        });
+        let unreadable = Credentials::resolve(&CredentialSources {
+            token_file: Some(PathBuf::from("/nonexistent/token")),
+            ..Default::default()
+        });
+        let empty = Credentials::resolve(&CredentialSources {
+            token_env: secret("\n"),
+            ..Default::default()
+        });
+
+        assert!(matches!(both, Err(CredentialsError::Both)));
+        assert!(matches!(none, Err(CredentialsError::Missing)));
+        assert!(matches!(no_email, Err(CredentialsError::KeyWithoutEmail)));
+        let unreadable = unreadable.expect_err("unreadable").to_string();
+        assert!(unreadable.contains("/nonexistent/token"), "{unreadable}");
+        assert!(matches!(empty, Err(CredentialsError::Malformed { .. })));
+    }
+}

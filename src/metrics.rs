@@ -1,0 +1,523 @@
+//! The exporter's metrics and the cached exposition.
+//!
+//! Every series the exporter serves is registered here. Values are set when
+//! a poll finishes, and the exposition is rendered then, once, and kept as
+//! bytes: a scrape only copies a reference to them. Which tests exist is
+//! owned here too, so that a test removed from the config loses all of its
+//! series at once and a poll that finishes after the removal cannot bring
+//! them back.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::cloudflare::{Endpoint, FailureReason, PolicyTestStatus, TestState};
+use crate::config::PolicyTest;
+use crate::tally::UserStatus;
+use crate::walk::Walk;
+
+/// The `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Cloudflare error codes given their own `code` label value; every other
+/// code is counted as `other`, so the label stays bounded.
+const KNOWN_ERROR_CODES: [i64; 11] = [
+    971, 1000, 6003, 6103, 6111, 7000, 7003, 9106, 9109, 10000, 10429,
+];
+
+const TEST_LABELS: [&str; 3] = ["account_id", "policy_test_id", "name"];
+
+/// Counters and gauges about requests, shared with the Cloudflare client.
+#[derive(Debug, Clone)]
+pub struct ApiMetrics {
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    throttled: IntCounter,
+    ratelimit_remaining: IntGauge,
+    budget_remaining: IntGauge,
+}
+
+impl ApiMetrics {
+    /// Counts one request attempt by endpoint and outcome.
+    pub fn request(&self, endpoint: Endpoint, outcome: &str) {
+        self.requests
+            .with_label_values(&[endpoint.as_str(), outcome])
+            .inc();
+    }
+
+    /// Counts one Cloudflare error code.
+    pub fn error_code(&self, code: i64) {
+        let label = if KNOWN_ERROR_CODES.contains(&code) {
+            code.to_string()
+        } else {
+            "other".to_owned()
+        };
+        self.errors.with_label_values(&[&label]).inc();
+    }
+
+    /// Counts one 429.
+    pub fn throttled(&self) {
+        self.throttled.inc();
+    }
+
+    /// Records `r=` of the last `Ratelimit` header.
+    pub fn ratelimit_remaining(&self, remaining: u64) {
+        self.ratelimit_remaining.set(clamp(remaining));
+    }
+
+    /// Records what is left of the client-side budget.
+    pub fn budget_remaining(&self, remaining: u64) {
+        self.budget_remaining.set(clamp(remaining));
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Every metric of the exporter, and the rendered exposition.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+
+    users: IntGaugeVec,
+    reported_users: IntGaugeVec,
+    processed_ratio: GaugeVec,
+    state: IntGaugeVec,
+    tally_mismatch: IntGaugeVec,
+    poll_success: IntGaugeVec,
+    last_success: GaugeVec,
+    walk_duration: GaugeVec,
+    walk_pages: IntGaugeVec,
+    poll_failures: IntCounterVec,
+    deferrals: IntCounterVec,
+
+    /// Request-level metrics, handed to the client.
+    pub api: ApiMetrics,
+    budget_requests: IntGauge,
+
+    reload_successful: IntGauge,
+    reload_timestamp: Gauge,
+    cycle_duration: Gauge,
+    cycles: IntCounter,
+
+    /// The tests whose series may exist.
+    tests: Mutex<HashSet<PolicyTest>>,
+
+    exposition: RwLock<Bytes>,
+}
+
+/// Why the metrics could not be registered (a programming error, but one
+/// reported rather than panicked on).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    /// Registers every metric. `budget` is the configured requests per window.
+    pub fn new(budget: u64) -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let cached = " Cached: set when a poll finishes, not at scrape time.";
+
+        let users = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_users",
+                format!("Users in the last complete, consistent walk of the policy test's user pages, by result.{cached}"),
+            ),
+            &["account_id", "policy_test_id", "name", "status"],
+        )?;
+        let reported_users = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_reported_users",
+                format!("Users by result as the policy test's status endpoint reports them.{cached}"),
+            ),
+            &["account_id", "policy_test_id", "name", "status"],
+        )?;
+        let processed_ratio = GaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_processed_ratio",
+                format!("Share of the user base the policy test has evaluated (0-1).{cached}"),
+            ),
+            &TEST_LABELS,
+        )?;
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_state",
+                format!("1 for the policy test's state as the status endpoint reports it, 0 for the others.{cached}"),
+            ),
+            &["account_id", "policy_test_id", "name", "state"],
+        )?;
+        let tally_mismatch = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_tally_mismatch",
+                "1 when the last walk's per-status tally disagreed with the counts Cloudflare reports.",
+            ),
+            &TEST_LABELS,
+        )?;
+        let poll_success = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_poll_success",
+                "1 if the last poll of the policy test succeeded, 0 if it failed.",
+            ),
+            &TEST_LABELS,
+        )?;
+        let last_success = GaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_last_success_timestamp_seconds",
+                "Unix time of the policy test's last successful poll.",
+            ),
+            &TEST_LABELS,
+        )?;
+        let walk_duration = GaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_walk_duration_seconds",
+                "Duration of the policy test's last successful walk of its user pages.",
+            ),
+            &TEST_LABELS,
+        )?;
+        let walk_pages = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_walk_pages",
+                "User pages fetched by the policy test's last successful walk, the final empty page included.",
+            ),
+            &TEST_LABELS,
+        )?;
+        let poll_failures = IntCounterVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_poll_failures_total",
+                "Failed polls of the policy test, by reason.",
+            ),
+            &["account_id", "policy_test_id", "name", "reason"],
+        )?;
+        let deferrals = IntCounterVec::new(
+            Opts::new(
+                "cloudflare_access_policy_test_deferrals_total",
+                "Walks of the policy test deferred to the next cycle because the request budget could not fit them.",
+            ),
+            &TEST_LABELS,
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "cloudflare_access_api_requests_total",
+                "Requests sent to the Cloudflare API, by endpoint and outcome.",
+            ),
+            &["endpoint", "outcome"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "cloudflare_access_api_errors_total",
+                "Cloudflare error codes received in response envelopes; codes outside a known set are counted as \"other\".",
+            ),
+            &["code"],
+        )?;
+        let throttled = IntCounter::new(
+            "cloudflare_access_api_throttled_total",
+            "HTTP 429 answers (and rate-limit error codes) received from Cloudflare.",
+        )?;
+        let ratelimit_remaining = IntGauge::new(
+            "cloudflare_access_api_ratelimit_remaining_requests",
+            "Requests left in Cloudflare's rate-limit window, from the last Ratelimit header seen.",
+        )?;
+        let budget_remaining = IntGauge::new(
+            "cloudflare_access_api_budget_remaining_requests",
+            "Requests left in the exporter's own request budget.",
+        )?;
+        let budget_requests = IntGauge::new(
+            "cloudflare_access_api_budget_requests",
+            "The exporter's request budget per 5-minute window.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_exporter_build_info",
+                "A metric with a constant '1' value labeled by version, revision and rustc version.",
+            ),
+            &["version", "revision", "rustc"],
+        )?;
+        let reload_successful = IntGauge::new(
+            "cloudflare_access_exporter_config_last_reload_successful",
+            "1 if the last configuration load succeeded.",
+        )?;
+        let reload_timestamp = Gauge::new(
+            "cloudflare_access_exporter_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load.",
+        )?;
+        let cycle_duration = Gauge::new(
+            "cloudflare_access_exporter_poll_cycle_duration_seconds",
+            "Duration of the last poll cycle over every configured policy test.",
+        )?;
+        let cycles = IntCounter::new(
+            "cloudflare_access_exporter_poll_cycles_total",
+            "Poll cycles finished.",
+        )?;
+
+        for collector in [
+            Box::new(users.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reported_users.clone()),
+            Box::new(processed_ratio.clone()),
+            Box::new(state.clone()),
+            Box::new(tally_mismatch.clone()),
+            Box::new(poll_success.clone()),
+            Box::new(last_success.clone()),
+            Box::new(walk_duration.clone()),
+            Box::new(walk_pages.clone()),
+            Box::new(poll_failures.clone()),
+            Box::new(deferrals.clone()),
+            Box::new(requests.clone()),
+            Box::new(errors.clone()),
+            Box::new(throttled.clone()),
+            Box::new(ratelimit_remaining.clone()),
+            Box::new(budget_remaining.clone()),
+            Box::new(budget_requests.clone()),
+            Box::new(build_info.clone()),
+            Box::new(reload_successful.clone()),
+            Box::new(reload_timestamp.clone()),
+            Box::new(cycle_duration.clone()),
+            Box::new(cycles.clone()),
+        ] {
+            registry.register(collector)?;
+        }
+
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                env!("CLOUDFLARE_ACCESS_EXPORTER_REVISION"),
+                env!("CLOUDFLARE_ACCESS_EXPORTER_RUSTC"),
+            ])
+            .set(1);
+        budget_requests.set(clamp(budget));
+        budget_remaining.set(clamp(budget));
+        for endpoint in [Endpoint::Status, Endpoint::Users] {
+            requests.with_label_values(&[endpoint.as_str(), "success"]);
+        }
+
+        let metrics = Metrics {
+            registry,
+            users,
+            reported_users,
+            processed_ratio,
+            state,
+            tally_mismatch,
+            poll_success,
+            last_success,
+            walk_duration,
+            walk_pages,
+            poll_failures,
+            deferrals,
+            api: ApiMetrics {
+                requests,
+                errors,
+                throttled,
+                ratelimit_remaining,
+                budget_remaining,
+            },
+            budget_requests,
+            reload_successful,
+            reload_timestamp,
+            cycle_duration,
+            cycles,
+            tests: Mutex::new(HashSet::new()),
+            exposition: RwLock::new(Bytes::new()),
+        };
+        metrics.render();
+        Ok(metrics)
+    }
+
+    /// Makes `tests` the set of tests with series: new ones get their
+    /// counters at zero, removed ones lose every series.
+    pub fn set_tests(&self, tests: &[PolicyTest]) {
+        let mut known = self.lock_tests();
+        let wanted: HashSet<PolicyTest> = tests.iter().cloned().collect();
+
+        for gone in known.difference(&wanted) {
+            self.remove_series(gone);
+        }
+        for new in wanted.difference(&known) {
+            let l = labels(new);
+            for reason in FailureReason::ALL {
+                self.poll_failures
+                    .with_label_values(&[l[0], l[1], l[2], reason.as_str()]);
+            }
+            self.deferrals.with_label_values(&l);
+        }
+        *known = wanted;
+    }
+
+    /// Records the status endpoint's answer for `test`.
+    pub fn publish_status(&self, test: &PolicyTest, status: &PolicyTestStatus) {
+        let known = self.lock_tests();
+        if !known.contains(test) {
+            return;
+        }
+        let l = labels(test);
+
+        let current = status.state();
+        for state in TestState::ALL {
+            self.state
+                .with_label_values(&[l[0], l[1], l[2], state.as_str()])
+                .set(i64::from(state == current));
+        }
+        let reported = [
+            (UserStatus::Approved, status.users_approved),
+            (UserStatus::Blocked, status.users_blocked),
+            (UserStatus::Error, status.users_errored),
+        ];
+        for (user_status, count) in reported {
+            let gauge = self
+                .reported_users
+                .with_label_values(&[l[0], l[1], l[2], user_status.as_str()]);
+            gauge.set(count.map(clamp).unwrap_or(0));
+        }
+        if let Some(percent) = status.percent_users_processed {
+            self.processed_ratio
+                .with_label_values(&l)
+                .set(percent.min(100) as f64 / 100.0);
+        }
+    }
+
+    /// Records a successful poll of `test`: with `walk`, its tally is now
+    /// the published one; without, the test was not complete and only its
+    /// status was read.
+    pub fn publish_success(&self, test: &PolicyTest, walk: Option<&Walk>) {
+        let known = self.lock_tests();
+        if !known.contains(test) {
+            return;
+        }
+        let l = labels(test);
+
+        if let Some(walk) = walk {
+            for status in UserStatus::ALL {
+                self.users
+                    .with_label_values(&[l[0], l[1], l[2], status.as_str()])
+                    .set(clamp(walk.tally.get(status)));
+            }
+            self.tally_mismatch
+                .with_label_values(&l)
+                .set(i64::from(walk.mismatch));
+            self.walk_duration
+                .with_label_values(&l)
+                .set(walk.duration.as_secs_f64());
+            self.walk_pages.with_label_values(&l).set(clamp(walk.pages));
+        }
+        self.poll_success.with_label_values(&l).set(1);
+        self.last_success.with_label_values(&l).set(unix_now());
+    }
+
+    /// Records a failed poll of `test`; its published tally is left as it was.
+    pub fn publish_failure(&self, test: &PolicyTest, reason: FailureReason) {
+        let known = self.lock_tests();
+        if !known.contains(test) {
+            return;
+        }
+        let l = labels(test);
+
+        self.poll_success.with_label_values(&l).set(0);
+        self.poll_failures
+            .with_label_values(&[l[0], l[1], l[2], reason.as_str()])
+            .inc();
+    }
+
+    /// Records that `test`'s walk was deferred for lack of budget.
+    pub fn publish_deferral(&self, test: &PolicyTest) {
+        let known = self.lock_tests();
+        if known.contains(test) {
+            self.deferrals.with_label_values(&labels(test)).inc();
+        }
+    }
+
+    /// Records the end of a poll cycle.
+    pub fn cycle_finished(&self, duration: std::time::Duration) {
+        self.cycle_duration.set(duration.as_secs_f64());
+        self.cycles.inc();
+    }
+
+    /// Records the outcome of a configuration (re)load.
+    pub fn config_loaded(&self, ok: bool) {
+        self.reload_successful.set(i64::from(ok));
+        if ok {
+            self.reload_timestamp.set(unix_now());
+        }
+    }
+
+    /// Renders the exposition and keeps it for scrapes.
+    pub fn render(&self) {
+        let mut buffer = Vec::with_capacity(self.exposition_len() + 1024);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buffer) {
+            // The text encoder fails only on invalid metric names, which are
+            // fixed above; keep the previous exposition rather than serve
+            // half of one.
+            tracing::error!(cause = %e, "cannot render the exposition");
+            return;
+        }
+        let mut cached = self.exposition.write().unwrap_or_else(|p| p.into_inner());
+        *cached = Bytes::from(buffer);
+    }
+
+    /// The last rendered exposition.
+    pub fn exposition(&self) -> Bytes {
+        self.exposition
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn exposition_len(&self) -> usize {
+        self.exposition().len()
+    }
+
+    /// The budget gauge, for tests of the budget.
+    pub fn budget_requests(&self) -> i64 {
+        self.budget_requests.get()
+    }
+
+    fn remove_series(&self, test: &PolicyTest) {
+        let l = labels(test);
+
+        for status in UserStatus::ALL {
+            let _ = self
+                .users
+                .remove_label_values(&[l[0], l[1], l[2], status.as_str()]);
+            let _ = self
+                .reported_users
+                .remove_label_values(&[l[0], l[1], l[2], status.as_str()]);
+        }
+        for state in TestState::ALL {
+            let _ = self
+                .state
+                .remove_label_values(&[l[0], l[1], l[2], state.as_str()]);
+        }
+        for reason in FailureReason::ALL {
+            let _ = self
+                .poll_failures
+                .remove_label_values(&[l[0], l[1], l[2], reason.as_str()]);
+        }
+        let _ = self.processed_ratio.remove_label_values(&l);
+        let _ = self.tally_mismatch.remove_label_values(&l);
+        let _ = self.poll_success.remove_label_values(&l);
+        let _ = self.last_success.remove_label_values(&l);
+        let _ = self.walk_duration.remove_label_values(&l);
+        let _ = self.walk_pages.remove_label_values(&l);
+        let _ = self.deferrals.remove_label_values(&l);
+    }
+
+    fn lock_tests(&self) -> std::sync::MutexGuard<'_, HashSet<PolicyTest>> {
+        self.tests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn labels(test: &PolicyTest) -> [&str; 3] {
+    [test.account_id.as_str(), test.id.as_str(), test.name()]
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

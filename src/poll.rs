@@ -1,0 +1,178 @@
+//! The poll loop: which tests to poll, when, and what to publish.
+//!
+//! A cycle polls every configured test, a few at a time. Polling a test
+//! reads its status, publishes its state and reported counts, and, when the
+//! test is complete and the request budget can fit the walk, walks it and
+//! publishes the tally. A failed poll leaves the published tally as it was
+//! and sets `poll_success` to 0. Cycles never overlap: the next one starts
+//! an interval after the previous one started, or right after it ends if it
+//! ran long, or early when the configuration is reloaded.
+//!
+//! The set of tests comes from a [`tokio::sync::watch`] channel, so where
+//! test ids come from (a config file today) stays apart from how a test is
+//! walked ([`crate::walk`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::cloudflare::{Client, TestState};
+use crate::config::PolicyTest;
+use crate::metrics::Metrics;
+use crate::walk::{self, WalkOptions};
+
+/// How the poller runs.
+#[derive(Debug, Clone, Copy)]
+pub struct PollOptions {
+    /// Time from the start of one cycle to the start of the next.
+    pub interval: Duration,
+    /// Tests polled at once.
+    pub concurrency: usize,
+    /// How each test is walked.
+    pub walk: WalkOptions,
+}
+
+/// The poll loop and what it needs.
+#[derive(Debug)]
+pub struct Poller {
+    client: Client,
+    metrics: Arc<Metrics>,
+    options: PollOptions,
+    tests: watch::Receiver<Arc<Vec<PolicyTest>>>,
+    ready: watch::Sender<bool>,
+    wake: Arc<Notify>,
+}
+
+/// What a poll of one test came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PollResult {
+    Walked,
+    NotComplete,
+    Deferred,
+    Failed,
+}
+
+impl Poller {
+    /// A poller over the tests sent on `tests`. `ready` turns true after the
+    /// first cycle; `wake` starts a cycle early (after a reload).
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        options: PollOptions,
+        tests: watch::Receiver<Arc<Vec<PolicyTest>>>,
+        ready: watch::Sender<bool>,
+        wake: Arc<Notify>,
+    ) -> Poller {
+        Poller {
+            client,
+            metrics,
+            options,
+            tests,
+            ready,
+            wake,
+        }
+    }
+
+    /// Runs cycles until the task is dropped.
+    pub async fn run(self) {
+        loop {
+            let started = Instant::now();
+            self.cycle().await;
+            self.ready.send_replace(true);
+
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + self.options.interval) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Polls every configured test once.
+    pub async fn cycle(&self) {
+        let tests = self.tests.borrow().clone();
+        let started = Instant::now();
+
+        let results: Vec<PollResult> = stream::iter(tests.iter().cloned())
+            .map(|test| async move { self.poll(&test).await })
+            .buffer_unordered(self.options.concurrency.max(1))
+            .collect()
+            .await;
+
+        let count = |r: PollResult| results.iter().filter(|x| **x == r).count();
+        let elapsed = started.elapsed();
+        self.metrics.cycle_finished(elapsed);
+        self.metrics.api.budget_remaining(self.client.budget().available());
+        self.metrics.render();
+        info!(
+            tests = tests.len(),
+            walked = count(PollResult::Walked),
+            not_complete = count(PollResult::NotComplete),
+            deferred = count(PollResult::Deferred),
+            failed = count(PollResult::Failed),
+            elapsed = ?elapsed,
+            "poll cycle finished"
+        );
+    }
+
+    async fn poll(&self, test: &PolicyTest) -> PollResult {
+        let result = self.poll_inner(test).await;
+        self.metrics.render();
+        result
+    }
+
+    async fn poll_inner(&self, test: &PolicyTest) -> PollResult {
+        let status = match self.client.status(test).await {
+            Ok(status) => status,
+            Err(e) => {
+                warn!(policy_test = %test, name = test.name(), reason = e.reason().as_str(), hint = e.hint(), cause = %e, "poll failed");
+                self.metrics.publish_failure(test, e.reason());
+                return PollResult::Failed;
+            }
+        };
+        self.metrics.publish_status(test, &status);
+
+        if status.state() != TestState::Complete {
+            info!(policy_test = %test, name = test.name(), state = %status.state(), percent_processed = status.percent_users_processed, "policy test not complete; not walked");
+            self.metrics.publish_success(test, None);
+            return PollResult::NotComplete;
+        }
+
+        // A walk that fits in a full budget but not in what is left now waits
+        // for the next cycle; one larger than a full budget is walked anyway,
+        // paced by the budget over several windows.
+        let cost = walk::user_bound(&status)
+            .map(|users| walk::expected_requests(users, self.options.walk.per_page))
+            .unwrap_or(1);
+        let budget = self.client.budget();
+        let available = budget.available();
+        if cost > available && cost <= budget.capacity() {
+            warn!(policy_test = %test, name = test.name(), needed = cost, available, "request budget cannot fit this walk now; deferred to the next cycle");
+            self.metrics.publish_deferral(test);
+            return PollResult::Deferred;
+        }
+        if cost > budget.capacity() {
+            info!(policy_test = %test, name = test.name(), needed = cost, budget = budget.capacity(), "walk is larger than the request budget; spreading it over several budget windows");
+        }
+
+        match walk::walk(&self.client, test, &status, self.options.walk).await {
+            Ok(walk) => {
+                info!(policy_test = %test, name = test.name(), approved = walk.tally.approved, blocked = walk.tally.blocked, error = walk.tally.error, unknown = walk.tally.unknown, pages = walk.pages, elapsed = ?walk.duration, "walk finished");
+                self.metrics.publish_success(test, Some(&walk));
+                PollResult::Walked
+            }
+            Err(e) => {
+                let hint = match &e {
+                    walk::WalkError::Page { source, .. } => source.hint(),
+                    _ => None,
+                };
+                warn!(policy_test = %test, name = test.name(), reason = e.reason().as_str(), hint, cause = %e, "walk failed; previous values kept");
+                self.metrics.publish_failure(test, e.reason());
+                PollResult::Failed
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The HTTP server: `/metrics`, health, readiness, reload and the landing page.
+//!
+//! Scrapes are served from the exposition cached by [`crate::metrics`], so a
+//! scrape never waits on Cloudflare or on a poll. Health does not depend on
+//! Cloudflare either: `/-/healthy` answers 200 while the process serves, and
+//! `/-/ready` once the first poll cycle has finished, whatever its outcome.
+//! TLS and basic auth come from [`crate::webconfig`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::PolicyTest;
+use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::webconfig::WebConfig;
+
+/// How long open connections get to finish once shutdown starts.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// A reload request: the outcome is sent back on the channel.
+pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ServerState {
+    /// The metrics and their cached exposition.
+    pub metrics: Arc<Metrics>,
+    /// Where the exposition is served (`--web.telemetry-path`).
+    pub telemetry_path: String,
+    /// True once the first poll cycle has finished.
+    pub ready: watch::Receiver<bool>,
+    /// The configured tests, for the landing page.
+    pub tests: watch::Receiver<Arc<Vec<PolicyTest>>>,
+    /// Where `POST /-/reload` sends its request.
+    pub reload: mpsc::Sender<ReloadRequest>,
+    /// TLS and basic auth, from `--web.config.file`.
+    pub web: Option<Arc<WebConfig>>,
+}
+
+/// Serves on `listener` until `shutdown` turns true, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let tls = state.web.as_ref().and_then(|web| web.tls_acceptor());
+
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+
+        let handler_state = state.clone();
+        let service = service_fn(move |req| {
+            let state = handler_state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        });
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        let conn = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    Err(e) => debug!(cause = %e, "TLS handshake failed"),
+                },
+                None => {
+                    let conn =
+                        http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+        });
+    }
+
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN) => info!("connections still open after the drain period; closing them"),
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+type Body = Full<Bytes>;
+
+async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
+    if let Some(web) = &state.web {
+        if !web.authorized(req.headers()) {
+            return Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header(header::WWW_AUTHENTICATE, "Basic")
+                .body(Body::from("Unauthorized\n"))
+                .unwrap_or_default();
+        }
+    }
+
+    let path = req.uri().path();
+    let method = req.method();
+    match (method, path) {
+        (&Method::GET | &Method::HEAD, p) if p == state.telemetry_path => Response::builder()
+            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(Body::new(state.metrics.exposition()))
+            .unwrap_or_default(),
+        (&Method::GET | &Method::HEAD, "/-/healthy") => text(StatusCode::OK, "Healthy\n"),
+        (&Method::GET | &Method::HEAD, "/-/ready") => {
+            let ready = *state.ready.borrow();
+            if ready {
+                text(StatusCode::OK, "Ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "Not ready: the first poll cycle has not finished\n")
+            }
+        }
+        (&Method::POST | &Method::PUT, "/-/reload") => reload(state).await,
+        (_, "/-/reload") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires a POST request\n",
+        ),
+        (&Method::GET | &Method::HEAD, "/") => Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Body::from(landing_page(state)))
+            .unwrap_or_default(),
+        _ => text(StatusCode::NOT_FOUND, "Not found\n"),
+    }
+}
+
+async fn reload(state: &ServerState) -> Response<Body> {
+    let (reply, outcome) = oneshot::channel();
+    if state.reload.send(reply).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match outcome.await {
+        Ok(Ok(())) => text(StatusCode::OK, "configuration reloaded\n"),
+        Ok(Err(message)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("failed to reload config: {message}\n"),
+        ),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(body.to_owned()))
+        .unwrap_or_default()
+}
+
+fn landing_page(state: &ServerState) -> String {
+    let tests = state.tests.borrow().clone();
+    let mut rows = String::new();
+    for test in tests.iter() {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td></tr>\n",
+            escape(test.name()),
+            escape(test.account_id.as_str()),
+            escape(test.id.as_str()),
+        ));
+    }
+    if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"3\">No policy tests configured.</td></tr>\n");
+    }
+    let path = escape(&state.telemetry_path);
+
+    format!(
+        "<!DOCTYPE html>
+<html>
+<head><meta charset=\"utf-8\"><title>Cloudflare Access Exporter</title></head>
+<body>
+<h1>Cloudflare Access Exporter</h1>
+<p>Version {version}. Exports Cloudflare Access policy test results as Prometheus metrics.</p>
+<p><a href=\"{path}\">Metrics</a> &middot; <a href=\"/-/healthy\">Health</a> &middot; <a href=\"/-/ready\">Readiness</a></p>
+<h2>Policy tests</h2>
+<table>
+<tr><th>Name</th><th>Account</th><th>Policy test</th></tr>
+{rows}</table>
+</body>
+</html>
+",
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(escape("<a href='x'>&\"</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;");
+    }
+}
