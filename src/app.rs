@@ -104,7 +104,10 @@ pub async fn run(args: Args) -> ExitCode {
         },
         None => None,
     };
-    if !args.telemetry_path.starts_with('/') || args.telemetry_path.starts_with("/-/") || args.telemetry_path == "/" {
+    if !args.telemetry_path.starts_with('/')
+        || args.telemetry_path.starts_with("/-/")
+        || args.telemetry_path == "/"
+    {
         return usage("--web.telemetry-path must start with / and must not be / or under /-/");
     }
 
@@ -167,7 +170,11 @@ pub async fn run(args: Args) -> ExitCode {
             }
         };
         info!(address = %addr, tls = state.web.as_ref().is_some_and(|w| w.tls_acceptor().is_some()), "listening");
-        servers.push(tokio::spawn(server::serve(listener, state.clone(), shutdown_rx.clone())));
+        servers.push(tokio::spawn(server::serve(
+            listener,
+            state.clone(),
+            shutdown_rx.clone(),
+        )));
     }
 
     // The poller.
@@ -227,7 +234,8 @@ pub async fn run(args: Args) -> ExitCode {
     info!("shutting down");
     poller.abort();
     let _ = shutdown_tx.send(true);
-    let stopped = tokio::time::timeout(SHUTDOWN_GRACE, futures_util::future::join_all(servers)).await;
+    let stopped =
+        tokio::time::timeout(SHUTDOWN_GRACE, futures_util::future::join_all(servers)).await;
     if stopped.is_err() {
         warn!("listeners did not stop in time");
     }

@@ -19,7 +19,11 @@ pub const DEFAULT_PORT: u16 = 10410;
 #[command(name = "cloudflare-access-exporter", version, about, long_about = None)]
 pub struct Args {
     /// Configuration file listing the policy tests to poll.
-    #[arg(long = "config.file", env = "CLOUDFLARE_ACCESS_EXPORTER_CONFIG_FILE", value_name = "PATH")]
+    #[arg(
+        long = "config.file",
+        env = "CLOUDFLARE_ACCESS_EXPORTER_CONFIG_FILE",
+        value_name = "PATH"
+    )]
     pub config_file: Option<PathBuf>,
 
     /// Validate the configuration and credentials, print the verdict and exit (0 valid, 2 invalid).
@@ -38,27 +42,51 @@ pub struct Args {
     pub listen_addresses: Vec<SocketAddr>,
 
     /// Path under which metrics are served.
-    #[arg(long = "web.telemetry-path", env = "CLOUDFLARE_ACCESS_EXPORTER_WEB_TELEMETRY_PATH", default_value = "/metrics")]
+    #[arg(
+        long = "web.telemetry-path",
+        env = "CLOUDFLARE_ACCESS_EXPORTER_WEB_TELEMETRY_PATH",
+        default_value = "/metrics"
+    )]
     pub telemetry_path: String,
 
     /// Web configuration file (TLS and basic auth, exporter-toolkit format).
-    #[arg(long = "web.config.file", env = "CLOUDFLARE_ACCESS_EXPORTER_WEB_CONFIG_FILE", value_name = "PATH")]
+    #[arg(
+        long = "web.config.file",
+        env = "CLOUDFLARE_ACCESS_EXPORTER_WEB_CONFIG_FILE",
+        value_name = "PATH"
+    )]
     pub web_config_file: Option<PathBuf>,
 
     /// Base URL of the Cloudflare API.
-    #[arg(long = "cloudflare.api-url", env = "CLOUDFLARE_API_URL", default_value = "https://api.cloudflare.com/client/v4")]
+    #[arg(
+        long = "cloudflare.api-url",
+        env = "CLOUDFLARE_API_URL",
+        default_value = "https://api.cloudflare.com/client/v4"
+    )]
     pub api_url: String,
 
     /// File holding the API token (the token may instead be given in CLOUDFLARE_API_TOKEN).
-    #[arg(long = "cloudflare.api-token-file", env = "CLOUDFLARE_API_TOKEN_FILE", value_name = "PATH")]
+    #[arg(
+        long = "cloudflare.api-token-file",
+        env = "CLOUDFLARE_API_TOKEN_FILE",
+        value_name = "PATH"
+    )]
     pub api_token_file: Option<PathBuf>,
 
     /// Email of the account whose Global API key is used (legacy scheme).
-    #[arg(long = "cloudflare.api-email", env = "CLOUDFLARE_API_EMAIL", value_name = "EMAIL")]
+    #[arg(
+        long = "cloudflare.api-email",
+        env = "CLOUDFLARE_API_EMAIL",
+        value_name = "EMAIL"
+    )]
     pub api_email: Option<String>,
 
     /// File holding the Global API key (the key may instead be given in CLOUDFLARE_API_KEY).
-    #[arg(long = "cloudflare.api-key-file", env = "CLOUDFLARE_API_KEY_FILE", value_name = "PATH")]
+    #[arg(
+        long = "cloudflare.api-key-file",
+        env = "CLOUDFLARE_API_KEY_FILE",
+        value_name = "PATH"
+    )]
     pub api_key_file: Option<PathBuf>,
 
     /// Requests the exporter may send per 5-minute window (Cloudflare allows 1200 per token, shared).
@@ -74,7 +102,11 @@ pub struct Args {
     pub request_timeout: Duration,
 
     /// Retries of a failed request within one poll (with exponential backoff and jitter).
-    #[arg(long = "cloudflare.max-retries", env = "CLOUDFLARE_ACCESS_EXPORTER_MAX_RETRIES", default_value_t = 3)]
+    #[arg(
+        long = "cloudflare.max-retries",
+        env = "CLOUDFLARE_ACCESS_EXPORTER_MAX_RETRIES",
+        default_value_t = 3
+    )]
     pub max_retries: u32,
 
     /// First retry delay; doubles on each retry.

@@ -297,7 +297,10 @@ mod tests {
         .expect_err("invalid")
         .to_string();
 
-        assert!(err.contains("policy_tests[2]: duplicate of policy_tests[0]"), "{err}");
+        assert!(
+            err.contains("policy_tests[2]: duplicate of policy_tests[0]"),
+            "{err}"
+        );
     }
 
     #[test]

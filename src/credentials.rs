@@ -76,7 +76,9 @@ pub enum CredentialsError {
     KeyWithoutEmail,
 
     /// An email without a key.
-    #[error("CLOUDFLARE_API_EMAIL was given without CLOUDFLARE_API_KEY or --cloudflare.api-key-file")]
+    #[error(
+        "CLOUDFLARE_API_EMAIL was given without CLOUDFLARE_API_KEY or --cloudflare.api-key-file"
+    )]
     EmailWithoutKey,
 
     /// A secret file could not be read.
@@ -163,12 +165,11 @@ impl Credentials {
                 headers.insert(http::header::AUTHORIZATION, value);
             }
             Credentials::Key { email, key } => {
-                let email = HeaderValue::from_str(email).map_err(|_| {
-                    CredentialsError::Malformed {
+                let email =
+                    HeaderValue::from_str(email).map_err(|_| CredentialsError::Malformed {
                         what: "API email",
                         source_name: "CLOUDFLARE_API_EMAIL".to_owned(),
-                    }
-                })?;
+                    })?;
                 headers.insert("x-auth-email", email);
                 headers.insert("x-auth-key", sensitive("API key", key.expose().to_owned())?);
             }
@@ -196,7 +197,11 @@ fn read_secret(what: &'static str, path: &Path) -> Result<Secret, CredentialsErr
     checked(what, path.display().to_string(), text)
 }
 
-fn checked(what: &'static str, source_name: String, value: String) -> Result<Secret, CredentialsError> {
+fn checked(
+    what: &'static str,
+    source_name: String,
+    value: String,
+) -> Result<Secret, CredentialsError> {
     let value = value.trim_end_matches(['\n', '\r']).to_owned();
     let valid = !value.trim().is_empty() && HeaderValue::from_str(&value).is_ok();
     if valid {

@@ -11,8 +11,11 @@ use crate::simulator::{SimOptions, SimTest, Simulator, DEMO_TOKEN};
 /// The account all demo tests belong to.
 pub const DEMO_ACCOUNT: &str = "023e105f4ecef8ad9ca31a8372d0c353";
 
-/// The demo tests: (name, id, users, approved ‰, blocked ‰, missing-status every n-th).
-const DEMO_TESTS: [(&str, &str, u64, u64, u64, Option<u64>); 3] = [
+/// One demo test: name, id, users, approved ‰, blocked ‰, missing-status every n-th.
+type DemoTest = (&'static str, &'static str, u64, u64, u64, Option<u64>);
+
+/// The demo tests.
+const DEMO_TESTS: [DemoTest; 3] = [
     (
         "contractors",
         "f1a8b3c9d4e5f6789a0b1c2d3e4f5678a9b0c1d2e3f4a5b67890c1d2e3f4b5a6",
@@ -53,7 +56,8 @@ pub async fn start() -> std::io::Result<(Simulator, Vec<PolicyTest>)> {
         sim.drift = true;
         simulator.add_test(sim);
 
-        let account = AccountId::try_from(DEMO_ACCOUNT.to_owned()).map_err(std::io::Error::other)?;
+        let account =
+            AccountId::try_from(DEMO_ACCOUNT.to_owned()).map_err(std::io::Error::other)?;
         let id = PolicyTestId::try_from((*id).to_owned()).map_err(std::io::Error::other)?;
         tests.push(PolicyTest::new(account, id, Some((*name).to_owned())));
     }

@@ -135,7 +135,9 @@ impl Metrics {
         let reported_users = IntGaugeVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_reported_users",
-                format!("Users by result as the policy test's status endpoint reports them.{cached}"),
+                format!(
+                    "Users by result as the policy test's status endpoint reports them.{cached}"
+                ),
             ),
             &["account_id", "policy_test_id", "name", "status"],
         )?;
@@ -368,9 +370,9 @@ impl Metrics {
             (UserStatus::Error, status.users_errored),
         ];
         for (user_status, count) in reported {
-            let gauge = self
-                .reported_users
-                .with_label_values(&[l[0], l[1], l[2], user_status.as_str()]);
+            let gauge =
+                self.reported_users
+                    .with_label_values(&[l[0], l[1], l[2], user_status.as_str()]);
             gauge.set(count.map(clamp).unwrap_or(0));
         }
         if let Some(percent) = status.percent_users_processed {

@@ -105,7 +105,9 @@ impl Poller {
         let count = |r: PollResult| results.iter().filter(|x| **x == r).count();
         let elapsed = started.elapsed();
         self.metrics.cycle_finished(elapsed);
-        self.metrics.api.budget_remaining(self.client.budget().available());
+        self.metrics
+            .api
+            .budget_remaining(self.client.budget().available());
         self.metrics.render();
         info!(
             tests = tests.len(),

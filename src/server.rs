@@ -84,8 +84,8 @@ pub async fn serve(
             match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service);
+                        let conn =
+                            http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                         let _ = watcher.watch(conn).await;
                     }
                     Err(e) => debug!(cause = %e, "TLS handshake failed"),
@@ -137,7 +137,10 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
             if ready {
                 text(StatusCode::OK, "Ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "Not ready: the first poll cycle has not finished\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Not ready: the first poll cycle has not finished\n",
+                )
             }
         }
         (&Method::POST | &Method::PUT, "/-/reload") => reload(state).await,
@@ -233,6 +236,9 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape("<a href='x'>&\"</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
     }
 }

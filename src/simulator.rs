@@ -206,7 +206,10 @@ impl Fault {
         Fault::Respond {
             status: 429,
             headers,
-            body: failure_body(971, "Please wait and consider throttling your request speed"),
+            body: failure_body(
+                971,
+                "Please wait and consider throttling your request speed",
+            ),
         }
     }
 }
@@ -485,7 +488,7 @@ fn plan(state: &mut State, req: &Request<Incoming>) -> Plan {
             path: path.clone(),
             query: query.clone(),
             status,
-        authorized,
+            authorized,
         });
     };
 
@@ -504,10 +507,17 @@ fn plan(state: &mut State, req: &Request<Incoming>) -> Plan {
         .max(1);
     let remaining = state.options.quota.saturating_sub(state.window_used);
     let limit_headers = vec![
-        ("ratelimit".to_owned(), format!("\"default\";r={remaining};t={reset}")),
+        (
+            "ratelimit".to_owned(),
+            format!("\"default\";r={remaining};t={reset}"),
+        ),
         (
             "ratelimit-policy".to_owned(),
-            format!("\"default\";q={};w={}", state.options.quota, state.options.window.as_secs()),
+            format!(
+                "\"default\";q={};w={}",
+                state.options.quota,
+                state.options.window.as_secs()
+            ),
         ),
     ];
     if state.window_used > state.options.quota {
@@ -517,7 +527,10 @@ fn plan(state: &mut State, req: &Request<Incoming>) -> Plan {
         return Plan::Answer(Answer {
             status: 429,
             headers,
-            body: failure_body(971, "Please wait and consider throttling your request speed"),
+            body: failure_body(
+                971,
+                "Please wait and consider throttling your request speed",
+            ),
             delay,
             truncate: false,
         });
@@ -610,7 +623,10 @@ fn answer(
         return (405, failure_body(10405, "Method not allowed"));
     }
     let Some(route) = route else {
-        return (404, failure_body(7003, "Could not route to the requested URL"));
+        return (
+            404,
+            failure_body(7003, "Could not route to the requested URL"),
+        );
     };
     if !authorized {
         return (403, failure_body(10000, "Authentication error"));
@@ -630,14 +646,20 @@ fn answer(
             let page = query_value(query, "page").unwrap_or_else(|| "1".to_owned());
             let per_page = query_value(query, "per_page").unwrap_or_else(|| "25".to_owned());
             let (Ok(page), Ok(per_page)) = (page.parse::<i64>(), per_page.parse::<i64>()) else {
-                return (400, failure_body(10001, "page and per_page must be integers"));
+                return (
+                    400,
+                    failure_body(10001, "page and per_page must be integers"),
+                );
             };
             if per_page > 1000 {
                 return (400, failure_body(10001, "per_page must be <= 1000"));
             }
             match state.tests.get(&(account, id)) {
                 None => (404, failure_body(7003, "Policy test not found")),
-                Some(test) => (200, users_body(test, page.max(1) as u64, per_page.max(1) as u64)),
+                Some(test) => (
+                    200,
+                    users_body(test, page.max(1) as u64, per_page.max(1) as u64),
+                ),
             }
         }
     }
@@ -663,11 +685,17 @@ fn failure_body(code: i64, message: &str) -> String {
 fn status_body(test: &SimTest) -> String {
     let [approved, blocked, error, missing] = test.counts();
     let complete = test.state == "complete";
-    let share = |n: u64| if complete { n } else { n * test.percent_processed / 100 };
+    let share = |n: u64| {
+        if complete {
+            n
+        } else {
+            n * test.percent_processed / 100
+        }
+    };
     let approved = (share(approved) as i64 + test.reported_approved_offset).max(0) as u64;
     let (blocked, errored) = (share(blocked), share(error + missing));
     let processed = approved + blocked + errored;
-    let percent = |n: u64| if processed == 0 { 0 } else { n * 100 / processed };
+    let percent = |n: u64| (n * 100).checked_div(processed).unwrap_or(0);
     serde_json::json!({
         "success": true,
         "errors": [],
@@ -689,7 +717,10 @@ fn status_body(test: &SimTest) -> String {
 }
 
 fn users_body(test: &SimTest, page: u64, per_page: u64) -> String {
-    let size = test.page_cap.map_or(per_page, |cap| per_page.min(cap)).max(1);
+    let size = test
+        .page_cap
+        .map_or(per_page, |cap| per_page.min(cap))
+        .max(1);
     let shift = match test.shift_from_page {
         Some(from) if page >= from => 1,
         _ => 0,

@@ -76,7 +76,9 @@ pub enum WalkError {
 
     /// More users came back than the test holds: the server never returned
     /// an empty page, or repeated users.
-    #[error("walk stopped after {pages} pages: {seen} users seen but the test holds at most {bound}")]
+    #[error(
+        "walk stopped after {pages} pages: {seen} users seen but the test holds at most {bound}"
+    )]
     TooManyPages {
         /// Pages read before stopping.
         pages: u64,
@@ -240,7 +242,11 @@ impl Progress {
 }
 
 /// Compares the walk with the status endpoint's counts.
-fn cross_check(test: &PolicyTest, status: &PolicyTestStatus, mut walk: Walk) -> Result<Walk, WalkError> {
+fn cross_check(
+    test: &PolicyTest,
+    status: &PolicyTestStatus,
+    mut walk: Walk,
+) -> Result<Walk, WalkError> {
     let reported = status.reported_sum().or(status.total_users).unwrap_or(0);
     let walked = walk.tally.total();
     if walked != reported {
@@ -311,7 +317,14 @@ mod tests {
 
         assert!(!progress.add(&page).expect("within bound"));
         let err = progress.add(&page).expect_err("past bound");
-        assert!(matches!(err, WalkError::TooManyPages { pages: 2, seen: 4, bound: 3 }));
+        assert!(matches!(
+            err,
+            WalkError::TooManyPages {
+                pages: 2,
+                seen: 4,
+                bound: 3
+            }
+        ));
         assert!(progress.add(&PageTally::default()).expect("empty page"));
     }
 }

@@ -120,12 +120,12 @@ impl WebConfig {
         let base = path.parent().unwrap_or(Path::new("."));
 
         let tls = match raw.tls_server_config {
-            Some(tls) => Some(tls_acceptor(base, &tls).map_err(|message| {
-                WebConfigError::Tls {
+            Some(tls) => Some(
+                tls_acceptor(base, &tls).map_err(|message| WebConfigError::Tls {
                     path: path.to_owned(),
                     message,
-                }
-            })?),
+                })?,
+            ),
             None => None,
         };
 
@@ -199,7 +199,10 @@ fn tls_acceptor(base: &Path, raw: &RawTls) -> Result<TlsAcceptor, String> {
         .and_then(|iter| iter.collect::<Result<_, _>>())
         .map_err(|e| format!("cert_file {}: {e}", cert_path.display()))?;
     if certs.is_empty() {
-        return Err(format!("cert_file {}: no certificate found", cert_path.display()));
+        return Err(format!(
+            "cert_file {}: no certificate found",
+            cert_path.display()
+        ));
     }
     let key_path = resolve(&raw.key_file);
     let key = PrivateKeyDer::from_pem_file(&key_path)
@@ -208,7 +211,11 @@ fn tls_acceptor(base: &Path, raw: &RawTls) -> Result<TlsAcceptor, String> {
     let versions: &[&rustls::SupportedProtocolVersion] = match raw.min_version.as_deref() {
         None | Some("TLS12") => &[&rustls::version::TLS13, &rustls::version::TLS12],
         Some("TLS13") => &[&rustls::version::TLS13],
-        Some(other) => return Err(format!("min_version {other:?} is not supported (use TLS12 or TLS13)")),
+        Some(other) => {
+            return Err(format!(
+                "min_version {other:?} is not supported (use TLS12 or TLS13)"
+            ))
+        }
     };
     let builder = rustls::ServerConfig::builder_with_protocol_versions(versions);
 
@@ -262,11 +269,18 @@ mod tests {
     fn basic_auth_checks_bcrypt_and_caches() {
         let dir = tempfile::tempdir().expect("dir");
         let hash = bcrypt::hash("s3cret", 4).expect("hash");
-        let path = write(dir.path(), "web.yml", &format!("basic_auth_users:\n  prometheus: {hash}\n"));
+        let path = write(
+            dir.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  prometheus: {hash}\n"),
+        );
         let web = WebConfig::load(&path).expect("valid");
         let header = |creds: &str| {
             let mut h = http::HeaderMap::new();
-            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(creds)
+            );
             h.insert(http::header::AUTHORIZATION, value.parse().expect("header"));
             h
         };
@@ -282,16 +296,31 @@ mod tests {
     #[test]
     fn bad_files_name_the_field() {
         let dir = tempfile::tempdir().expect("dir");
-        let unknown = write(dir.path(), "a.yml", "tls_server_config:\n  cert_file: x\n  key_file: y\n  bogus: 1\n");
-        let missing = write(dir.path(), "b.yml", "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n");
-        let user = write(dir.path(), "c.yml", "basic_auth_users:\n  alice: plaintext\n");
+        let unknown = write(
+            dir.path(),
+            "a.yml",
+            "tls_server_config:\n  cert_file: x\n  key_file: y\n  bogus: 1\n",
+        );
+        let missing = write(
+            dir.path(),
+            "b.yml",
+            "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n",
+        );
+        let user = write(
+            dir.path(),
+            "c.yml",
+            "basic_auth_users:\n  alice: plaintext\n",
+        );
 
         let unknown = WebConfig::load(&unknown).expect_err("invalid").to_string();
         let missing = WebConfig::load(&missing).expect_err("invalid").to_string();
         let user = WebConfig::load(&user).expect_err("invalid").to_string();
 
         assert!(unknown.contains("bogus"), "{unknown}");
-        assert!(missing.contains("cert_file") && missing.contains("nope.crt"), "{missing}");
+        assert!(
+            missing.contains("cert_file") && missing.contains("nope.crt"),
+            "{missing}"
+        );
         assert!(user.contains("basic_auth_users.alice"), "{user}");
     }
 }

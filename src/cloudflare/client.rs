@@ -276,7 +276,10 @@ impl Client {
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .default_headers(options.credentials.headers()?)
-            .user_agent(concat!("cloudflare-access-exporter/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!(
+                "cloudflare-access-exporter/",
+                env!("CARGO_PKG_VERSION")
+            ))
             .connect_timeout(options.connect_timeout)
             .timeout(options.request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -319,7 +322,10 @@ impl Client {
             "{}/accounts/{}/access/policy-tests/{}/users",
             self.base, test.account_id, test.id
         );
-        let query = [("page", page.to_string()), ("per_page", per_page.to_string())];
+        let query = [
+            ("page", page.to_string()),
+            ("per_page", per_page.to_string()),
+        ];
         self.get(Endpoint::Users, &url, &query).await
     }
 
@@ -468,7 +474,11 @@ fn describe(e: &reqwest::Error) -> String {
 /// Turns an answer into data or an error. Cloudflare's envelope wins over
 /// the HTTP status: `success: false` with 200 is a failure, and an error
 /// status with an envelope carries its codes.
-fn decode<T: DeserializeOwned>(endpoint: Endpoint, status: u16, body: &[u8]) -> Result<T, ApiError> {
+fn decode<T: DeserializeOwned>(
+    endpoint: Endpoint,
+    status: u16,
+    body: &[u8],
+) -> Result<T, ApiError> {
     let endpoint_name = endpoint.as_str();
     let envelope = serde_json::from_slice::<Envelope<T>>(body);
 
@@ -528,7 +538,10 @@ mod tests {
         let err = decode::<PolicyTestStatus>(Endpoint::Status, 403, body).expect_err("failure");
 
         assert_eq!(err.reason(), FailureReason::Unauthorized);
-        assert!(err.hint().expect("hint").contains("Access: Policy Test Read"));
+        assert!(err
+            .hint()
+            .expect("hint")
+            .contains("Access: Policy Test Read"));
         assert!(err.to_string().contains("10000"), "{err}");
     }
 

@@ -382,7 +382,9 @@ mod tests {
 
     #[test]
     fn user_page_fixture_tallies_each_status() {
-        let env = page(include_str!("../../tests/data/users.page-1.per_page-3.json"));
+        let env = page(include_str!(
+            "../../tests/data/users.page-1.per_page-3.json"
+        ));
         let got = env.result.expect("result present");
 
         assert_eq!(env.success, Some(true));
@@ -395,8 +397,12 @@ mod tests {
 
     #[test]
     fn partial_and_empty_fixture_pages() {
-        let partial = page(include_str!("../../tests/data/users.page-2.per_page-3.partial.json"));
-        let empty = page(include_str!("../../tests/data/users.page-3.per_page-3.empty.json"));
+        let partial = page(include_str!(
+            "../../tests/data/users.page-2.per_page-3.partial.json"
+        ));
+        let empty = page(include_str!(
+            "../../tests/data/users.page-3.per_page-3.empty.json"
+        ));
 
         assert_eq!(partial.result.expect("result").users, 2);
         assert_eq!(empty.result.expect("result").users, 0);
@@ -468,11 +474,26 @@ mod tests {
     #[test]
     fn error_fixtures_decode_codes() {
         let cases = [
-            (include_str!("../../tests/data/error.403.authentication-10000.json"), 10000),
-            (include_str!("../../tests/data/error.429.rate-limited-971.json"), 971),
-            (include_str!("../../tests/data/error.400.failure-envelope.spec-example.json"), 7003),
-            (include_str!("../../tests/data/error.400.invalid-request-headers-6003.json"), 6003),
-            (include_str!("../../tests/data/error.400.missing-auth-headers-9106.json"), 9106),
+            (
+                include_str!("../../tests/data/error.403.authentication-10000.json"),
+                10000,
+            ),
+            (
+                include_str!("../../tests/data/error.429.rate-limited-971.json"),
+                971,
+            ),
+            (
+                include_str!("../../tests/data/error.400.failure-envelope.spec-example.json"),
+                7003,
+            ),
+            (
+                include_str!("../../tests/data/error.400.invalid-request-headers-6003.json"),
+                6003,
+            ),
+            (
+                include_str!("../../tests/data/error.400.missing-auth-headers-9106.json"),
+                9106,
+            ),
         ];
 
         for (json, code) in cases {

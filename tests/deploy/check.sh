@@ -11,6 +11,7 @@
 # check failed. Needs no Docker daemon, no cluster and no exporter binary.
 
 set -uo pipefail
+export PYTHONDONTWRITEBYTECODE=1
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 

@@ -24,6 +24,7 @@ import yaml
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.dont_write_bytecode = True  # no __pycache__ beside the sibling scripts
 
 import dashboard_exprs  # noqa: E402  (sibling script)
 import rule_exprs  # noqa: E402
