@@ -25,6 +25,9 @@ use crate::config::PolicyTest;
 use crate::metrics::Metrics;
 use crate::walk::{self, WalkOptions};
 
+/// How often the exposition is re-rendered while a cycle runs.
+const RENDER_EVERY: Duration = Duration::from_secs(1);
+
 /// How the poller runs.
 #[derive(Debug, Clone, Copy)]
 pub struct PollOptions {
@@ -81,12 +84,32 @@ impl Poller {
     pub async fn run(self) {
         loop {
             let started = Instant::now();
-            self.cycle().await;
+            self.cycle_rendering().await;
             self.ready.send_replace(true);
 
             tokio::select! {
                 _ = tokio::time::sleep_until(started + self.options.interval) => {}
                 _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Runs a cycle, re-rendering the exposition every [`RENDER_EVERY`]
+    /// while it lasts, so that request and rate-limit metrics stay current
+    /// during a long or throttled walk. Per-test values change only when
+    /// that test's poll finishes.
+    async fn cycle_rendering(&self) {
+        let cycle = self.cycle();
+        tokio::pin!(cycle);
+        let mut ticks = tokio::time::interval(RENDER_EVERY);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut cycle => return,
+                _ = ticks.tick() => {
+                    self.metrics.api.budget_remaining(self.client.budget().available());
+                    self.metrics.render();
+                }
             }
         }
     }

@@ -10,10 +10,13 @@
 //! empty page is not empty, the walk carries on one page at a time.
 //!
 //! The user count also bounds the walk: once more users have been seen than
-//! the test holds, the server is repeating itself and the walk stops with an
-//! error. A finished walk whose total differs from the reported total missed
-//! or repeated users and is refused; one whose per-status counts differ from
-//! the reported ones is kept, and flagged.
+//! the test holds plus one page, the server is repeating itself without end
+//! and the walk stops with an error. (The page of slack lets a walk that
+//! merely saw a user twice, because the result set shifted, reach its empty
+//! page and be refused for what it is: inconsistent.) A finished walk whose
+//! total differs from the reported total missed or repeated users and is
+//! refused; one whose per-status counts differ from the reported ones is
+//! kept, and flagged.
 //!
 //! Where test ids come from is not this module's concern; see [`crate::poll`].
 
@@ -142,6 +145,7 @@ pub async fn walk(
     // Page 1 alone: it tells the page size the server really uses.
     let first = fetch(client, test, 1, options.per_page).await?;
     progress.add(&first)?;
+    progress.slack = first.users;
     if first.users > 0 {
         let page_size = first.users;
         let last_full = bound.div_ceil(page_size).max(1);
@@ -207,6 +211,8 @@ async fn fetch(
 /// The running count of a walk.
 struct Progress {
     bound: u64,
+    /// Users past the bound tolerated before stopping: one page.
+    slack: u64,
     pages: u64,
     seen: u64,
     tally: Tally,
@@ -216,6 +222,7 @@ impl Progress {
     fn new(bound: u64) -> Progress {
         Progress {
             bound,
+            slack: 0,
             pages: 0,
             seen: 0,
             tally: Tally::default(),
@@ -230,7 +237,7 @@ impl Progress {
         }
         self.seen += page.users;
         self.tally += page.tally;
-        if self.seen > self.bound {
+        if self.seen > self.bound + self.slack {
             return Err(WalkError::TooManyPages {
                 pages: self.pages,
                 seen: self.seen,
@@ -307,6 +314,7 @@ mod tests {
     #[test]
     fn progress_stops_past_the_bound() {
         let mut progress = Progress::new(3);
+        progress.slack = 1;
         let page = PageTally {
             users: 2,
             tally: Tally {

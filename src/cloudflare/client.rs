@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::cloudflare::budget::{retry_after, RateLimit, RequestBudget};
+use crate::cloudflare::budget::{retry_after, RateLimit, RequestBudget, RATELIMIT_RESERVE};
 use crate::cloudflare::types::{ApiMessage, Envelope, PageTally, PolicyTestStatus};
 use crate::config::PolicyTest;
 use crate::credentials::{Credentials, CredentialsError};
@@ -386,6 +386,13 @@ impl Client {
         if let Some(limit) = header(&headers, "ratelimit").and_then(RateLimit::parse) {
             self.budget.observe_ratelimit(limit);
             self.metrics.ratelimit_remaining(limit.remaining);
+            if limit.remaining <= RATELIMIT_RESERVE {
+                warn!(
+                    remaining = limit.remaining,
+                    reset = ?limit.reset,
+                    "Cloudflare's rate-limit window is nearly spent; sending nothing until it resets"
+                );
+            }
         }
         let body = match response.bytes().await {
             Ok(body) => body,
