@@ -39,7 +39,10 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         std::fs::write(&path, text).expect("write");
         path.to_str().expect("utf-8").to_owned()
     };
-    let good = file("good.yml", &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: {A}\n"));
+    let good = file(
+        "good.yml",
+        &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: {A}\n"),
+    );
     let token = [("CLOUDFLARE_API_TOKEN", "tok-zzz9")];
 
     let cases: Vec<(&str, Vec<String>, Vec<(&str, &str)>, Vec<&str>)> = vec![
@@ -65,10 +68,17 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         assert_eq!(code, Some(2), "{what}: stderr {stderr}");
         assert!(stdout.is_empty(), "{what}: stdout {stdout}");
         for needle in expected {
-            assert!(stderr.contains(needle), "{what}: {needle:?} not in {stderr}");
+            assert!(
+                stderr.contains(needle),
+                "{what}: {needle:?} not in {stderr}"
+            );
         }
         assert!(stderr.starts_with("error: "), "{what}: {stderr}");
-        assert_eq!(stderr.matches("error: ").count(), 1, "{what}: one message, got {stderr}");
+        assert_eq!(
+            stderr.matches("error: ").count(),
+            1,
+            "{what}: one message, got {stderr}"
+        );
         assert!(!stderr.contains("zzz"), "{what}: a secret in {stderr}");
     }
 }
@@ -81,14 +91,29 @@ fn config_check_validates_without_polling() {
     std::fs::write(&token, "tok\n").expect("token");
 
     let (code, stdout, _) = run(
-        &["--config.check", "--config.file", config.to_str().expect("path"), "--cloudflare.api-token-file", token.to_str().expect("path"), "--cloudflare.api-url", "http://127.0.0.1:1/client/v4"],
+        &[
+            "--config.check",
+            "--config.file",
+            config.to_str().expect("path"),
+            "--cloudflare.api-token-file",
+            token.to_str().expect("path"),
+            "--cloudflare.api-url",
+            "http://127.0.0.1:1/client/v4",
+        ],
         &[],
     );
     assert_eq!(code, Some(0));
     assert_eq!(stdout.trim(), "configuration is valid: 2 policy tests");
 
     std::fs::write(&config, "policy_tests: nope\n").expect("rewrite");
-    let (code, stdout, stderr) = run(&["--config.check", "--config.file", config.to_str().expect("path")], &[("CLOUDFLARE_API_TOKEN", "t")]);
+    let (code, stdout, stderr) = run(
+        &[
+            "--config.check",
+            "--config.file",
+            config.to_str().expect("path"),
+        ],
+        &[("CLOUDFLARE_API_TOKEN", "t")],
+    );
     assert_eq!(code, Some(2));
     assert!(stdout.is_empty());
     assert!(stderr.starts_with("error: invalid config file"), "{stderr}");
@@ -105,50 +130,141 @@ async fn reload_keeps_values_of_tests_that_stay_and_drops_removed_ones() {
     let exporter = Exporter::against(&sim, &config, &["--poll.interval", "1h"]).await;
     exporter.wait_ready().await;
     let before = Samples::parse(&exporter.scrape().await);
-    let a_approved = before.test("cloudflare_access_policy_test_users", A, A, &[("status", "approved")]).expect("A");
-    let a_last = before.test("cloudflare_access_policy_test_last_success_timestamp_seconds", A, A, &[]).expect("A ts");
+    let a_approved = before
+        .test(
+            "cloudflare_access_policy_test_users",
+            A,
+            A,
+            &[("status", "approved")],
+        )
+        .expect("A");
+    let a_last = before
+        .test(
+            "cloudflare_access_policy_test_last_success_timestamp_seconds",
+            A,
+            A,
+            &[],
+        )
+        .expect("A ts");
 
     // A good config over HTTP: B removed, C added; A keeps its values until
     // its next poll, which must not fail.
     sim.set_latency(Duration::from_millis(1500));
     write_config(dir.path(), &[(A, None), ("cccc-0003", None)]);
-    let response = common::http().post(exporter.url("/-/reload")).send().await.expect("reload");
+    let response = common::http()
+        .post(exporter.url("/-/reload"))
+        .send()
+        .await
+        .expect("reload");
     assert_eq!(response.status(), 200);
     let s = Samples::parse(&exporter.scrape().await);
-    assert_eq!(s.test("cloudflare_access_policy_test_users", A, A, &[("status", "approved")]), Some(a_approved));
-    assert_eq!(s.test("cloudflare_access_policy_test_last_success_timestamp_seconds", A, A, &[]), Some(a_last));
-    assert!(s.matching("cloudflare_access_policy_test_poll_success", &[("policy_test_id", B)]).is_empty());
-    assert!(s.matching("cloudflare_access_policy_test_poll_failures_total", &[("policy_test_id", B)]).is_empty());
-    assert_eq!(s.get("cloudflare_access_exporter_config_last_reload_successful", &[]), Some(1.0));
+    assert_eq!(
+        s.test(
+            "cloudflare_access_policy_test_users",
+            A,
+            A,
+            &[("status", "approved")]
+        ),
+        Some(a_approved)
+    );
+    assert_eq!(
+        s.test(
+            "cloudflare_access_policy_test_last_success_timestamp_seconds",
+            A,
+            A,
+            &[]
+        ),
+        Some(a_last)
+    );
+    assert!(s
+        .matching(
+            "cloudflare_access_policy_test_poll_success",
+            &[("policy_test_id", B)]
+        )
+        .is_empty());
+    assert!(s
+        .matching(
+            "cloudflare_access_policy_test_poll_failures_total",
+            &[("policy_test_id", B)]
+        )
+        .is_empty());
+    assert_eq!(
+        s.get(
+            "cloudflare_access_exporter_config_last_reload_successful",
+            &[]
+        ),
+        Some(1.0)
+    );
     sim.set_latency(Duration::ZERO);
     exporter
         .wait_for("C polled after the reload", Duration::from_secs(20), |s| {
-            s.test("cloudflare_access_policy_test_poll_success", "cccc-0003", "cccc-0003", &[]) == Some(1.0)
+            s.test(
+                "cloudflare_access_policy_test_poll_success",
+                "cccc-0003",
+                "cccc-0003",
+                &[],
+            ) == Some(1.0)
         })
         .await;
 
     // A bad config over HTTP is refused, the old one keeps running.
-    std::fs::write(&config, "policy_tests:\n  - account_id: nothex\n    id: x\n").expect("write");
-    let response = common::http().post(exporter.url("/-/reload")).send().await.expect("reload");
+    std::fs::write(
+        &config,
+        "policy_tests:\n  - account_id: nothex\n    id: x\n",
+    )
+    .expect("write");
+    let response = common::http()
+        .post(exporter.url("/-/reload"))
+        .send()
+        .await
+        .expect("reload");
     assert_eq!(response.status(), 500);
     let body = response.text().await.expect("body");
     assert!(body.contains("account_id must be 32 hexadecimal"), "{body}");
     let s = Samples::parse(&exporter.scrape().await);
-    assert_eq!(s.get("cloudflare_access_exporter_config_last_reload_successful", &[]), Some(0.0));
-    assert_eq!(s.test("cloudflare_access_policy_test_poll_success", A, A, &[]), Some(1.0));
-    assert_eq!(s.test("cloudflare_access_policy_test_poll_success", "cccc-0003", "cccc-0003", &[]), Some(1.0));
+    assert_eq!(
+        s.get(
+            "cloudflare_access_exporter_config_last_reload_successful",
+            &[]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        s.test("cloudflare_access_policy_test_poll_success", A, A, &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        s.test(
+            "cloudflare_access_policy_test_poll_success",
+            "cccc-0003",
+            "cccc-0003",
+            &[]
+        ),
+        Some(1.0)
+    );
 
     // SIGHUP with a good config again: B comes back, C goes.
     write_config(dir.path(), &[(A, None), (B, None)]);
-    let status = Command::new("kill").args(["-HUP", &exporter.child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-HUP", &exporter.child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let s = exporter
         .wait_for("SIGHUP reload", Duration::from_secs(20), |s| {
-            s.get("cloudflare_access_exporter_config_last_reload_successful", &[]) == Some(1.0)
+            s.get(
+                "cloudflare_access_exporter_config_last_reload_successful",
+                &[],
+            ) == Some(1.0)
                 && s.test("cloudflare_access_policy_test_poll_success", B, B, &[]) == Some(1.0)
         })
         .await;
-    assert!(s.matching("cloudflare_access_policy_test_users", &[("policy_test_id", "cccc-0003")]).is_empty());
+    assert!(s
+        .matching(
+            "cloudflare_access_policy_test_users",
+            &[("policy_test_id", "cccc-0003")]
+        )
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,18 +278,41 @@ async fn secrets_never_reach_logs_metrics_pages_or_errors() {
     let config = write_config(dir.path(), &[(A, None)]);
     let url = sim.url();
     let exporter = Exporter::start(
-        &["--config.file", config.to_str().expect("path"), "--cloudflare.api-url", &url, "--log.level", "trace", "--cloudflare.retry-backoff", "10ms"],
+        &[
+            "--config.file",
+            config.to_str().expect("path"),
+            "--cloudflare.api-url",
+            &url,
+            "--log.level",
+            "trace",
+            "--cloudflare.retry-backoff",
+            "10ms",
+        ],
         &[("CLOUDFLARE_API_TOKEN", TOKEN)],
     )
     .await;
     exporter.wait_ready().await;
     let scrape = exporter.scrape().await;
-    let landing = common::http().get(exporter.url("/")).send().await.expect("landing").text().await.expect("html");
+    let landing = common::http()
+        .get(exporter.url("/"))
+        .send()
+        .await
+        .expect("landing")
+        .text()
+        .await
+        .expect("html");
     let logs = exporter.logs();
 
-    assert!(logs.contains("level=trace target=hyper"), "trace logging is on");
+    assert!(
+        logs.contains("level=trace target=hyper"),
+        "trace logging is on"
+    );
     assert!(logs.contains("Access: Policy Test Read"));
-    for (what, text) in [("logs", &logs), ("metrics", &scrape), ("landing page", &landing)] {
+    for (what, text) in [
+        ("logs", &logs),
+        ("metrics", &scrape),
+        ("landing page", &landing),
+    ] {
         assert!(!text.contains(TOKEN), "token in {what}");
         assert!(!text.contains("5f0c2a9e"), "token part in {what}");
     }
@@ -182,7 +321,15 @@ async fn secrets_never_reach_logs_metrics_pages_or_errors() {
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, "sekrit-key-77aa\n").expect("key");
     let (code, _, stderr) = run(
-        &["--config.check", "--config.file", config.to_str().expect("path"), "--cloudflare.api-key-file", key_file.to_str().expect("path"), "--log.level", "trace"],
+        &[
+            "--config.check",
+            "--config.file",
+            config.to_str().expect("path"),
+            "--cloudflare.api-key-file",
+            key_file.to_str().expect("path"),
+            "--log.level",
+            "trace",
+        ],
         &[("CLOUDFLARE_API_TOKEN", TOKEN)],
     );
     assert_eq!(code, Some(2));

@@ -516,4 +516,73 @@ mod tests {
         assert_eq!(status.users_approved, None);
         assert_eq!(status.reported_sum(), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One user entry as JSON text, and the status it must count as.
+        fn user_entry() -> impl Strategy<Value = (String, UserStatus)> {
+            prop_oneof![
+                Just((
+                    r#"{"id":"x","status":"approved"}"#.to_owned(),
+                    UserStatus::Approved
+                )),
+                Just((
+                    r#"{"status":"blocked","name":null}"#.to_owned(),
+                    UserStatus::Blocked
+                )),
+                Just((
+                    r#"{"email":"e@x","status":"error","extra":[1,{"a":2}]}"#.to_owned(),
+                    UserStatus::Error
+                )),
+                Just((r#"{"status":null}"#.to_owned(), UserStatus::Unknown)),
+                Just(("null".to_owned(), UserStatus::Unknown)),
+                Just(("{}".to_owned(), UserStatus::Unknown)),
+                "[a-z]{0,12}"
+                    .prop_map(|s| (format!(r#"{{"status":"{s}"}}"#), UserStatus::from_api(&s))),
+                any::<i64>().prop_map(|n| (format!(r#"{{"status":{n}}}"#), UserStatus::Unknown)),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+                let _ = serde_json::from_slice::<Envelope<PageTally>>(&bytes);
+                let _ = serde_json::from_slice::<Envelope<PolicyTestStatus>>(&bytes);
+            }
+
+            #[test]
+            fn decoder_never_panics_on_mutated_pages(
+                cut in 0usize..400,
+                flip in 0usize..400,
+                byte in any::<u8>(),
+            ) {
+                let mut page = include_bytes!("../../tests/data/users.page-1.per_page-3.json").to_vec();
+                let at = flip % page.len();
+                page[at] = byte;
+                page.truncate(page.len() - cut.min(page.len()));
+                let _ = serde_json::from_slice::<Envelope<PageTally>>(&page);
+            }
+
+            #[test]
+            fn every_entry_is_counted_once_by_its_status(entries in proptest::collection::vec(user_entry(), 0..300)) {
+                let body = format!(
+                    r#"{{"success":true,"errors":[],"messages":[],"result":[{}]}}"#,
+                    entries.iter().map(|(json, _)| json.as_str()).collect::<Vec<_>>().join(",")
+                );
+                let page = serde_json::from_str::<Envelope<PageTally>>(&body)
+                    .expect("decodes")
+                    .result
+                    .expect("result");
+                let mut expected = Tally::default();
+                for (_, status) in &entries {
+                    expected.add(*status);
+                }
+
+                prop_assert_eq!(page.users, entries.len() as u64);
+                prop_assert_eq!(page.tally, expected);
+            }
+        }
+    }
 }
