@@ -45,7 +45,9 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
     );
     let token = [("CLOUDFLARE_API_TOKEN", "tok-zzz9")];
 
-    let cases: Vec<(&str, Vec<String>, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    // (what, flags, environment, what stderr must say)
+    type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         ("malformed YAML", vec!["--config.file".into(), file("m.yml", "policy_tests: [\n  - {account_id: x\n")], token.to_vec(), vec!["m.yml", "line"]),
         ("unknown key", vec!["--config.file".into(), file("u.yml", &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: {A}\n    nmae: x\n"))], token.to_vec(), vec!["nmae", "line 4"]),
         ("unknown top-level key", vec!["--config.file".into(), file("t.yml", "policy_test: []\n")], token.to_vec(), vec!["policy_test", "line 1"]),

@@ -4,88 +4,16 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::stack::{ensure, prometheus};
 use common::{sim_test, simulator, write_config, Exporter, ACCOUNT};
 
 const TEST_ID: &str = "7e57-0001";
 
-/// Finds Debian's prometheus and promtool, installing them when missing.
 fn ensure_prometheus() {
-    let present = Command::new("sh")
-        .args(["-c", "command -v prometheus && command -v promtool"])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !present {
-        let status = Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/ensure-tools.sh"
-            ))
-            .arg("prometheus")
-            .status()
-            .expect("run ensure-tools.sh");
-        assert!(status.success(), "could not install prometheus");
-    }
-}
-
-struct Prometheus {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Prometheus {
-    fn start(target_port: u16) -> Prometheus {
-        let dir = tempfile::tempdir().expect("dir");
-        let port = common::free_port();
-        let config = dir.path().join("prometheus.yml");
-        let mut file = std::fs::File::create(&config).expect("config");
-        write!(
-            file,
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: cloudflare-access-exporter\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
-        )
-        .expect("write config");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus");
-        Prometheus {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    async fn query(&self, expr: &str) -> serde_json::Value {
-        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
-        let response = common::http()
-            .get(url)
-            .query(&[("query", expr)])
-            .send()
-            .await;
-        match response {
-            Ok(r) => r.json().await.unwrap_or(serde_json::Value::Null),
-            Err(_) => serde_json::Value::Null,
-        }
-    }
+    ensure("promtool", "prometheus");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,23 +27,19 @@ async fn prometheus_scrapes_the_right_user_counts() {
     let config = write_config(dir.path(), &[(TEST_ID, Some("contractors"))]);
     let exporter = Exporter::against(&sim, &config, &["--poll.interval", "1h"]).await;
     exporter.wait_ready().await;
-    let prometheus = Prometheus::start(exporter.port);
+    let prometheus = prometheus(exporter.port, None, None).await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let result = loop {
-        let answer = prometheus
+        let series = prometheus
             .query("cloudflare_access_policy_test_users")
             .await;
-        let series = answer["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
         if series.len() == 4 {
             break series;
         }
         assert!(
             Instant::now() < deadline,
-            "Prometheus never got the series: {answer}"
+            "Prometheus never got the series: {series:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -144,11 +68,11 @@ async fn prometheus_scrapes_the_right_user_counts() {
     let total = prometheus
         .query("sum(cloudflare_access_policy_test_users)")
         .await;
-    assert_eq!(total["data"]["result"][0]["value"][1], "2500");
+    assert_eq!(total[0]["value"][1], "2500");
     let up = prometheus
         .query("up{job=\"cloudflare-access-exporter\"}")
         .await;
-    assert_eq!(up["data"]["result"][0]["value"][1], "1");
+    assert_eq!(up[0]["value"][1], "1");
 }
 
 /// Runs `promtool check metrics` on `exposition` and returns what it printed.
