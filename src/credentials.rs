@@ -63,13 +63,16 @@ pub enum CredentialsError {
     #[error("both an API token and an API key were given: use one of CLOUDFLARE_API_TOKEN/--cloudflare.api-token-file or CLOUDFLARE_API_KEY/--cloudflare.api-key-file")]
     Both,
 
-    /// The token was given both in the environment and as a file.
-    #[error("the API token was given twice: use CLOUDFLARE_API_TOKEN or --cloudflare.api-token-file, not both")]
-    TokenTwice,
-
-    /// The key was given both in the environment and as a file.
-    #[error("the API key was given twice: use CLOUDFLARE_API_KEY or --cloudflare.api-key-file, not both")]
-    KeyTwice,
+    /// A secret was given both in the environment and as a file.
+    #[error("the {what} was given twice: use {env} or {flag}, not both")]
+    Twice {
+        /// Which secret.
+        what: &'static str,
+        /// Its environment variable.
+        env: &'static str,
+        /// Its file flag.
+        flag: &'static str,
+    },
 
     /// A key without the email it belongs to.
     #[error("an API key needs CLOUDFLARE_API_EMAIL (or --cloudflare.api-email)")]
@@ -120,26 +123,16 @@ pub struct CredentialSources {
 impl Credentials {
     /// Resolves the sources into one scheme, reading secret files.
     pub fn resolve(sources: &CredentialSources) -> Result<Credentials, CredentialsError> {
-        let token = match (&sources.token_env, &sources.token_file) {
-            (Some(_), Some(_)) => return Err(CredentialsError::TokenTwice),
-            (Some(token), None) => Some(checked(
-                "API token",
-                "CLOUDFLARE_API_TOKEN".to_owned(),
-                token.expose().to_owned(),
-            )?),
-            (None, Some(path)) => Some(read_secret("API token", path)?),
-            (None, None) => None,
-        };
-        let key = match (&sources.key_env, &sources.key_file) {
-            (Some(_), Some(_)) => return Err(CredentialsError::KeyTwice),
-            (Some(key), None) => Some(checked(
-                "API key",
-                "CLOUDFLARE_API_KEY".to_owned(),
-                key.expose().to_owned(),
-            )?),
-            (None, Some(path)) => Some(read_secret("API key", path)?),
-            (None, None) => None,
-        };
+        let token = one_source(
+            "API token",
+            ("CLOUDFLARE_API_TOKEN", &sources.token_env),
+            ("--cloudflare.api-token-file", &sources.token_file),
+        )?;
+        let key = one_source(
+            "API key",
+            ("CLOUDFLARE_API_KEY", &sources.key_env),
+            ("--cloudflare.api-key-file", &sources.key_file),
+        )?;
         let email = sources.email.as_ref().filter(|e| !e.trim().is_empty());
 
         match (token, key, email) {
@@ -175,6 +168,21 @@ impl Credentials {
             }
         }
         Ok(headers)
+    }
+}
+
+/// The secret from its environment variable or its file, when one of them
+/// is given; both is an error.
+fn one_source(
+    what: &'static str,
+    (env, from_env): (&'static str, &Option<Secret>),
+    (flag, from_file): (&'static str, &Option<PathBuf>),
+) -> Result<Option<Secret>, CredentialsError> {
+    match (from_env, from_file) {
+        (Some(_), Some(_)) => Err(CredentialsError::Twice { what, env, flag }),
+        (Some(secret), None) => checked(what, env.to_owned(), secret.expose().to_owned()).map(Some),
+        (None, Some(path)) => read_secret(what, path).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
@@ -270,6 +278,12 @@ mod tests {
             token_env: secret("\n"),
             ..Default::default()
         });
+        let twice = Credentials::resolve(&CredentialSources {
+            key_env: secret("k"),
+            key_file: Some(PathBuf::from("/k")),
+            email: Some("a@example.com".to_owned()),
+            ..Default::default()
+        });
 
         assert!(matches!(both, Err(CredentialsError::Both)));
         assert!(matches!(none, Err(CredentialsError::Missing)));
@@ -277,5 +291,10 @@ mod tests {
         let unreadable = unreadable.expect_err("unreadable").to_string();
         assert!(unreadable.contains("/nonexistent/token"), "{unreadable}");
         assert!(matches!(empty, Err(CredentialsError::Malformed { .. })));
+        let twice = twice.expect_err("twice").to_string();
+        assert!(
+            twice.contains("CLOUDFLARE_API_KEY or --cloudflare.api-key-file"),
+            "{twice}"
+        );
     }
 }

@@ -100,7 +100,6 @@ pub struct Metrics {
 
     /// Request-level metrics, handed to the client.
     pub api: ApiMetrics,
-    budget_requests: IntGauge,
 
     reload_successful: IntGauge,
     reload_timestamp: Gauge,
@@ -318,7 +317,6 @@ impl Metrics {
                 ratelimit_remaining,
                 budget_remaining,
             },
-            budget_requests,
             reload_successful,
             reload_timestamp,
             cycle_duration,
@@ -471,11 +469,6 @@ impl Metrics {
 
     fn exposition_len(&self) -> usize {
         self.exposition().len()
-    }
-
-    /// The budget gauge, for tests of the budget.
-    pub fn budget_requests(&self) -> i64 {
-        self.budget_requests.get()
     }
 
     fn remove_series(&self, test: &PolicyTest) {

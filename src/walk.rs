@@ -324,12 +324,13 @@ mod tests {
         };
 
         assert!(!progress.add(&page).expect("within bound"));
+        assert!(!progress.add(&page).expect("within the slack"));
         let err = progress.add(&page).expect_err("past bound");
         assert!(matches!(
             err,
             WalkError::TooManyPages {
-                pages: 2,
-                seen: 4,
+                pages: 3,
+                seen: 6,
                 bound: 3
             }
         ));
