@@ -367,16 +367,27 @@ impl Metrics {
             (UserStatus::Blocked, status.users_blocked),
             (UserStatus::Error, status.users_errored),
         ];
+        // A count Cloudflare did not report is absent, not zero.
         for (user_status, count) in reported {
-            let gauge =
-                self.reported_users
-                    .with_label_values(&[l[0], l[1], l[2], user_status.as_str()]);
-            gauge.set(count.map(clamp).unwrap_or(0));
+            let labels = [l[0], l[1], l[2], user_status.as_str()];
+            match count {
+                Some(count) => self
+                    .reported_users
+                    .with_label_values(&labels)
+                    .set(clamp(count)),
+                None => {
+                    let _ = self.reported_users.remove_label_values(&labels);
+                }
+            }
         }
-        if let Some(percent) = status.percent_users_processed {
-            self.processed_ratio
+        match status.percent_users_processed {
+            Some(percent) => self
+                .processed_ratio
                 .with_label_values(&l)
-                .set(percent.min(100) as f64 / 100.0);
+                .set(percent.min(100) as f64 / 100.0),
+            None => {
+                let _ = self.processed_ratio.remove_label_values(&l);
+            }
         }
     }
 
@@ -515,4 +526,114 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AccountId, PolicyTestId};
+    use crate::tally::Tally;
+
+    fn test(id: &str) -> PolicyTest {
+        PolicyTest::new(
+            AccountId::try_from("023e105f4ecef8ad9ca31a8372d0c353".to_owned()).expect("account"),
+            PolicyTestId::try_from(id.to_owned()).expect("id"),
+            None,
+        )
+    }
+
+    fn rendered(metrics: &Metrics) -> String {
+        metrics.render();
+        String::from_utf8(metrics.exposition().to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn counts_cloudflare_did_not_report_are_absent_not_zero() {
+        let metrics = Metrics::new(600).expect("metrics");
+        let a = test("a");
+        metrics.set_tests(std::slice::from_ref(&a));
+        let mut status = PolicyTestStatus {
+            status: Some(TestState::Complete),
+            users_approved: Some(7),
+            users_blocked: Some(2),
+            users_errored: Some(1),
+            percent_users_processed: Some(100),
+            ..Default::default()
+        };
+        metrics.publish_status(&a, &status);
+        let before = rendered(&metrics);
+        status.users_blocked = None;
+        status.percent_users_processed = None;
+        metrics.publish_status(&a, &status);
+        let after = rendered(&metrics);
+
+        assert!(
+            before.contains(r#"name="a",policy_test_id="a",status="blocked"} 2"#),
+            "{before}"
+        );
+        assert!(before.contains("cloudflare_access_policy_test_processed_ratio{"));
+        assert!(!after.contains(r#"status="blocked"} 2"#), "{after}");
+        assert!(after.contains(r#"name="a",policy_test_id="a",status="approved"} 7"#));
+        assert!(!after.contains("cloudflare_access_policy_test_processed_ratio{"));
+    }
+
+    #[test]
+    fn removed_tests_lose_every_series_and_late_polls_are_ignored() {
+        let metrics = Metrics::new(600).expect("metrics");
+        let (a, b) = (test("a"), test("b"));
+        metrics.set_tests(&[a.clone(), b.clone()]);
+        let walk = Walk {
+            tally: Tally {
+                approved: 3,
+                blocked: 1,
+                error: 0,
+                unknown: 0,
+            },
+            pages: 2,
+            duration: std::time::Duration::from_millis(5),
+            mismatch: false,
+        };
+        metrics.publish_success(&a, Some(&walk));
+        metrics.publish_success(&b, Some(&walk));
+        metrics.set_tests(std::slice::from_ref(&a));
+        metrics.publish_success(&b, Some(&walk));
+        metrics.publish_failure(&b, FailureReason::Transport);
+        let text = rendered(&metrics);
+
+        assert!(
+            text.contains(r#"policy_test_id="a",status="approved"} 3"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"policy_test_id="b""#), "{text}");
+    }
+
+    #[test]
+    fn a_failure_keeps_the_published_tally() {
+        let metrics = Metrics::new(600).expect("metrics");
+        let a = test("a");
+        metrics.set_tests(std::slice::from_ref(&a));
+        let walk = Walk {
+            tally: Tally {
+                approved: 5,
+                ..Default::default()
+            },
+            pages: 1,
+            duration: std::time::Duration::ZERO,
+            mismatch: true,
+        };
+        metrics.publish_success(&a, Some(&walk));
+        metrics.publish_failure(&a, FailureReason::InconsistentWalk);
+        let text = rendered(&metrics);
+
+        assert!(
+            text.contains(r#"policy_test_id="a",status="approved"} 5"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"cloudflare_access_policy_test_poll_success{account_id="023e105f4ecef8ad9ca31a8372d0c353",name="a",policy_test_id="a"} 0"#), "{text}");
+        assert!(
+            text.contains(r#"policy_test_id="a",reason="inconsistent_walk"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"cloudflare_access_policy_test_tally_mismatch{account_id="023e105f4ecef8ad9ca31a8372d0c353",name="a",policy_test_id="a"} 1"#));
+    }
 }

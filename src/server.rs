@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -28,6 +28,9 @@ use crate::webconfig::WebConfig;
 
 /// How long open connections get to finish once shutdown starts.
 const DRAIN: Duration = Duration::from_secs(3);
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A reload request: the outcome is sent back on the channel.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
@@ -82,17 +85,21 @@ pub async fn serve(
 
         tokio::spawn(async move {
             match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => {
-                        let conn =
-                            http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                        let _ = watcher.watch(conn).await;
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            let conn =
+                                http1_builder().serve_connection(TokioIo::new(stream), service);
+                            let _ = watcher.watch(conn).await;
+                        }
+                        Ok(Err(e)) => debug!(cause = %e, "TLS handshake failed"),
+                        Err(_) => debug!("TLS handshake timed out"),
                     }
-                    Err(e) => debug!(cause = %e, "TLS handshake failed"),
-                },
+                }
                 None => {
-                    let conn =
-                        http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    let conn = http1_builder().serve_connection(TokioIo::new(stream), service);
                     let _ = watcher.watch(conn).await;
                 }
             }
@@ -104,6 +111,16 @@ pub async fn serve(
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(DRAIN) => info!("connections still open after the drain period; closing them"),
     }
+}
+
+/// HTTP/1 settings for every connection: a slow client cannot hold a
+/// connection open by never finishing its headers.
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
