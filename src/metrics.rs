@@ -109,7 +109,18 @@ pub struct Metrics {
     /// The tests whose series may exist.
     tests: Mutex<HashSet<PolicyTest>>,
 
-    exposition: RwLock<Bytes>,
+    exposition: RwLock<Exposition>,
+}
+
+/// A rendered exposition, plain and gzip-compressed (Prometheus asks for
+/// gzip on every scrape; compressing once per render instead of once per
+/// scrape keeps scrapes cheap).
+#[derive(Debug, Clone, Default)]
+pub struct Exposition {
+    /// The text format.
+    pub text: Bytes,
+    /// The same bytes, gzip-compressed.
+    pub gzip: Bytes,
 }
 
 /// Why the metrics could not be registered (a programming error, but one
@@ -322,7 +333,7 @@ impl Metrics {
             cycle_duration,
             cycles,
             tests: Mutex::new(HashSet::new()),
-            exposition: RwLock::new(Bytes::new()),
+            exposition: RwLock::new(Exposition::default()),
         };
         metrics.render();
         Ok(metrics)
@@ -455,9 +466,10 @@ impl Metrics {
         }
     }
 
-    /// Renders the exposition and keeps it for scrapes.
+    /// Renders the exposition, compresses it, and keeps both for scrapes.
     pub fn render(&self) {
-        let mut buffer = Vec::with_capacity(self.exposition_len() + 1024);
+        let previous = self.cached();
+        let mut buffer = Vec::with_capacity(previous.text.len() + 1024);
         let families = self.registry.gather();
         if let Err(e) = TextEncoder::new().encode(&families, &mut buffer) {
             // The text encoder fails only on invalid metric names, which are
@@ -466,20 +478,32 @@ impl Metrics {
             tracing::error!(cause = %e, "cannot render the exposition");
             return;
         }
+        let gzip = match gzip(&buffer) {
+            Ok(gzip) => gzip,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot compress the exposition");
+                return;
+            }
+        };
+
         let mut cached = self.exposition.write().unwrap_or_else(|p| p.into_inner());
-        *cached = Bytes::from(buffer);
+        *cached = Exposition {
+            text: Bytes::from(buffer),
+            gzip: Bytes::from(gzip),
+        };
     }
 
-    /// The last rendered exposition.
+    /// The last rendered exposition, as text.
     pub fn exposition(&self) -> Bytes {
+        self.cached().text
+    }
+
+    /// The last rendered exposition, both encodings.
+    pub fn cached(&self) -> Exposition {
         self.exposition
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    fn exposition_len(&self) -> usize {
-        self.exposition().len()
     }
 
     fn remove_series(&self, test: &PolicyTest) {
@@ -515,6 +539,17 @@ impl Metrics {
     fn lock_tests(&self) -> std::sync::MutexGuard<'_, HashSet<PolicyTest>> {
         self.tests.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn gzip(text: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(text.len() / 8 + 64),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(text)?;
+    encoder.finish()
 }
 
 fn labels(test: &PolicyTest) -> [&str; 3] {

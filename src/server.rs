@@ -144,10 +144,9 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let method = req.method();
     match (method, path) {
-        (&Method::GET | &Method::HEAD, p) if p == state.telemetry_path => Response::builder()
-            .header(header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(Body::new(state.metrics.exposition()))
-            .unwrap_or_default(),
+        (&Method::GET | &Method::HEAD, p) if p == state.telemetry_path => {
+            scrape(state, req.headers())
+        }
         (&Method::GET | &Method::HEAD, "/-/healthy") => text(StatusCode::OK, "Healthy\n"),
         (&Method::GET | &Method::HEAD, "/-/ready") => {
             let ready = *state.ready.borrow();
@@ -171,6 +170,42 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
             .unwrap_or_default(),
         _ => text(StatusCode::NOT_FOUND, "Not found\n"),
     }
+}
+
+/// Serves the cached exposition, gzip-compressed when the client accepts it.
+fn scrape(state: &ServerState, headers: &http::HeaderMap) -> Response<Body> {
+    let exposition = state.metrics.cached();
+    let response = Response::builder()
+        .header(header::CONTENT_TYPE, CONTENT_TYPE)
+        .header(header::VARY, "Accept-Encoding");
+    let response = if accepts_gzip(headers) {
+        response
+            .header(header::CONTENT_ENCODING, "gzip")
+            .body(Body::new(exposition.gzip))
+    } else {
+        response.body(Body::new(exposition.text))
+    };
+    response.unwrap_or_default()
+}
+
+/// Whether `Accept-Encoding` allows gzip (`gzip` or `*`, with a q-value
+/// other than 0).
+fn accepts_gzip(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
 }
 
 async fn reload(state: &ServerState) -> Response<Body> {
@@ -250,6 +285,22 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gzip_is_used_only_when_accepted() {
+        let headers = |value: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, value.parse().expect("header"));
+            h
+        };
+
+        assert!(accepts_gzip(&headers("gzip")));
+        assert!(accepts_gzip(&headers("deflate, GZIP;q=0.5")));
+        assert!(accepts_gzip(&headers("*")));
+        assert!(!accepts_gzip(&headers("gzip;q=0")));
+        assert!(!accepts_gzip(&headers("identity")));
+        assert!(!accepts_gzip(&http::HeaderMap::new()));
+    }
 
     #[test]
     fn escapes_markup() {

@@ -424,3 +424,35 @@ async fn demo_serves_its_three_tests() {
     );
     assert!(pages[0].1 >= 3.0, "{pages:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_is_gzip_compressed_when_prometheus_asks() {
+    let sim = simulator().await;
+    sim.add_test(sim_test(SMALL, 3));
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path(), &[(SMALL, None)]);
+    let exporter = Exporter::against(&sim, &config, &["--poll.interval", "1h"]).await;
+    exporter.wait_ready().await;
+    let client = common::http();
+
+    let plain = exporter.scrape().await;
+    let zipped = client
+        .get(exporter.url("/metrics"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(zipped.headers()["content-encoding"], "gzip");
+    assert_eq!(zipped.headers()["vary"], "Accept-Encoding");
+    let body = zipped.bytes().await.expect("body");
+    assert!(
+        body.len() * 3 < plain.len(),
+        "{} vs {}",
+        body.len(),
+        plain.len()
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+        .expect("gunzip");
+    assert_eq!(text, plain);
+}
