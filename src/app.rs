@@ -67,6 +67,9 @@ enum TestSource {
 /// Runs the exporter until a termination signal.
 pub async fn run(args: Args) -> ExitCode {
     // The source of tests: the demo simulator, or the config file.
+    if args.demo && args.config_file.is_some() {
+        return usage("--demo runs its own simulated tests and takes no --config.file");
+    }
     let (source, tests) = if args.demo {
         match crate::demo::start().await {
             Ok((simulator, tests)) => (TestSource::Demo(simulator), tests),
@@ -139,7 +142,11 @@ pub async fn run(args: Args) -> ExitCode {
     };
 
     if args.config_check {
-        println!("configuration is valid: {} policy tests", tests.len());
+        let plural = if tests.len() == 1 { "" } else { "s" };
+        println!(
+            "configuration is valid: {} policy test{plural}",
+            tests.len()
+        );
         return ExitCode::SUCCESS;
     }
 
@@ -254,9 +261,7 @@ fn reload(
     let path = match source {
         TestSource::File(path) => path,
         TestSource::Demo(_) => {
-            info!("reload requested; the demo has no config file to reload");
-            metrics.config_loaded(true);
-            metrics.render();
+            info!("reload requested; the demo has no config file, nothing reloaded");
             return Ok(());
         }
     };
@@ -281,7 +286,13 @@ fn reload(
 }
 
 fn credential_sources(args: &Args) -> CredentialSources {
-    let secret_env = |name: &str| std::env::var(name).ok().map(Secret::new);
+    // An empty variable counts as unset, as in a shell.
+    let secret_env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret::new)
+    };
     CredentialSources {
         token_env: secret_env("CLOUDFLARE_API_TOKEN"),
         token_file: args.api_token_file.clone(),

@@ -172,7 +172,6 @@ fn truncate(s: &str) -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
     policy_tests: Vec<PolicyTest>,
 }
 
@@ -214,6 +213,9 @@ impl Config {
             seen.push(key);
         }
 
+        if raw.policy_tests.is_empty() {
+            tracing::warn!(path = %path.display(), "policy_tests is empty: nothing will be polled");
+        }
         Ok(Config {
             policy_tests: raw.policy_tests,
         })
@@ -310,6 +312,15 @@ mod tests {
 
         assert!(malformed.contains("config.yml"), "{malformed}");
         assert!(empty.contains("empty"), "{empty}");
+    }
+
+    #[test]
+    fn policy_tests_key_is_required_but_may_be_empty() {
+        let missing = parse("{}\n").expect_err("invalid").to_string();
+        let empty = parse("policy_tests: []\n").expect("valid");
+
+        assert!(missing.contains("policy_tests"), "{missing}");
+        assert!(empty.policy_tests.is_empty());
     }
 
     #[test]

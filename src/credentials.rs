@@ -95,8 +95,9 @@ pub enum CredentialsError {
         source: std::io::Error,
     },
 
-    /// A secret is empty, or has characters an HTTP header cannot carry.
-    #[error("the {what} from {source_name} is empty or not a valid HTTP header value")]
+    /// A secret is empty, holds whitespace, or has characters an HTTP
+    /// header cannot carry.
+    #[error("the {what} from {source_name} is empty, contains whitespace or is not a valid HTTP header value")]
     Malformed {
         /// Which secret.
         what: &'static str,
@@ -210,8 +211,13 @@ fn checked(
     source_name: String,
     value: String,
 ) -> Result<Secret, CredentialsError> {
-    let value = value.trim_end_matches(['\n', '\r']).to_owned();
-    let valid = !value.trim().is_empty() && HeaderValue::from_str(&value).is_ok();
+    // Editors and `echo` add a trailing newline, copy and paste adds spaces:
+    // neither is part of a token or key, and whitespace inside one is not
+    // either.
+    let value = value.trim().to_owned();
+    let valid = !value.is_empty()
+        && !value.contains(char::is_whitespace)
+        && HeaderValue::from_str(&value).is_ok();
     if valid {
         Ok(Secret::new(value))
     } else {
@@ -278,6 +284,14 @@ mod tests {
             token_env: secret("\n"),
             ..Default::default()
         });
+        let spaced = Credentials::resolve(&CredentialSources {
+            token_env: secret("  tok en \n"),
+            ..Default::default()
+        });
+        let padded = Credentials::resolve(&CredentialSources {
+            token_env: secret("  token\r\n\n"),
+            ..Default::default()
+        });
         let twice = Credentials::resolve(&CredentialSources {
             key_env: secret("k"),
             key_file: Some(PathBuf::from("/k")),
@@ -291,6 +305,11 @@ mod tests {
         let unreadable = unreadable.expect_err("unreadable").to_string();
         assert!(unreadable.contains("/nonexistent/token"), "{unreadable}");
         assert!(matches!(empty, Err(CredentialsError::Malformed { .. })));
+        assert!(matches!(spaced, Err(CredentialsError::Malformed { .. })));
+        assert_eq!(
+            padded.expect("valid"),
+            Credentials::Token(Secret::new("token".to_owned()))
+        );
         let twice = twice.expect_err("twice").to_string();
         assert!(
             twice.contains("CLOUDFLARE_API_KEY or --cloudflare.api-key-file"),

@@ -159,7 +159,7 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
                 )
             }
         }
-        (&Method::POST | &Method::PUT, "/-/reload") => reload(state).await,
+        (&Method::POST, "/-/reload") => reload(state).await,
         (_, "/-/reload") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "This endpoint requires a POST request\n",

@@ -61,6 +61,18 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         ("no credentials", vec!["--config.file".into(), good.clone()], vec![], vec!["no Cloudflare credentials"]),
         ("key without email", vec!["--config.file".into(), good.clone()], vec![("CLOUDFLARE_API_KEY", "key-zzz8")], vec!["CLOUDFLARE_API_EMAIL"]),
         ("bad api url", vec!["--config.file".into(), good.clone(), "--cloudflare.api-url".into(), "ftp://x".into()], token.to_vec(), vec!["--cloudflare.api-url"]),
+        (
+            "demo with a config file",
+            vec!["--demo".into(), "--config.file".into(), good.clone()],
+            vec![],
+            vec!["--demo", "--config.file"],
+        ),
+        (
+            "token with whitespace inside",
+            vec!["--config.file".into(), good.clone()],
+            vec![("CLOUDFLARE_API_TOKEN", "tok zzz9")],
+            vec!["CLOUDFLARE_API_TOKEN", "whitespace"],
+        ),
         ("bad interval", vec!["--poll.interval".into(), "soon".into()], token.to_vec(), vec!["--poll.interval"]),
     ];
 
@@ -106,6 +118,19 @@ fn config_check_validates_without_polling() {
     );
     assert_eq!(code, Some(0));
     assert_eq!(stdout.trim(), "configuration is valid: 2 policy tests");
+
+    // An empty variable counts as unset, beside the file.
+    let (code, _, stderr) = run(
+        &[
+            "--config.check",
+            "--config.file",
+            config.to_str().expect("path"),
+            "--cloudflare.api-token-file",
+            token.to_str().expect("path"),
+        ],
+        &[("CLOUDFLARE_API_TOKEN", ""), ("CLOUDFLARE_API_KEY", "")],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
 
     std::fs::write(&config, "policy_tests: nope\n").expect("rewrite");
     let (code, stdout, stderr) = run(
