@@ -95,9 +95,10 @@ impl Poller {
     }
 
     /// Runs a cycle, re-rendering the exposition every [`RENDER_EVERY`]
-    /// while it lasts, so that request and rate-limit metrics stay current
-    /// during a long or throttled walk. Per-test values change only when
-    /// that test's poll finishes.
+    /// while it lasts and once at its end. A test's values therefore appear
+    /// within a second of its poll finishing, request and rate-limit metrics
+    /// stay current during a long or throttled walk, and a cycle of many
+    /// small tests costs one render a second, not one per test.
     async fn cycle_rendering(&self) {
         let cycle = self.cycle();
         tokio::pin!(cycle);
@@ -106,10 +107,7 @@ impl Poller {
         loop {
             tokio::select! {
                 _ = &mut cycle => return,
-                _ = ticks.tick() => {
-                    self.metrics.api.budget_remaining(self.client.budget().available());
-                    self.metrics.render();
-                }
+                _ = ticks.tick() => self.render().await,
             }
         }
     }
@@ -128,10 +126,7 @@ impl Poller {
         let count = |r: PollResult| results.iter().filter(|x| **x == r).count();
         let elapsed = started.elapsed();
         self.metrics.cycle_finished(elapsed);
-        self.metrics
-            .api
-            .budget_remaining(self.client.budget().available());
-        self.metrics.render();
+        self.render().await;
         info!(
             tests = tests.len(),
             walked = count(PollResult::Walked),
@@ -143,13 +138,19 @@ impl Poller {
         );
     }
 
-    async fn poll(&self, test: &PolicyTest) -> PollResult {
-        let result = self.poll_inner(test).await;
-        self.metrics.render();
-        result
+    /// Renders the exposition on a blocking thread, so that the runtime's
+    /// workers keep answering scrapes meanwhile.
+    async fn render(&self) {
+        self.metrics
+            .api
+            .budget_remaining(self.client.budget().available());
+        let metrics = self.metrics.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || metrics.render()).await {
+            warn!(cause = %e, "rendering the exposition failed");
+        }
     }
 
-    async fn poll_inner(&self, test: &PolicyTest) -> PollResult {
+    async fn poll(&self, test: &PolicyTest) -> PollResult {
         let status = match self.client.status(test).await {
             Ok(status) => status,
             Err(e) => {
