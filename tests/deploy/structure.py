@@ -74,7 +74,7 @@ def dockerignore(p):
 def dockerfile(p):
     """The image builds locked, runs non-root, exposes the port, has OCI labels."""
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
-    p.check("cargo build --release --locked" in text, "no `cargo build --release --locked`")
+    p.check("cargo build --profile dist --locked" in text, "no `cargo build --profile dist --locked`")
     p.check(re.search(r"^FROM rust:\S*bookworm", text, re.M), "builder is not rust:*-bookworm")
     p.check(re.search(r"^FROM gcr\.io/distroless/cc-debian12:nonroot", text, re.M),
             "final image is not distroless cc-debian12:nonroot")
