@@ -294,7 +294,7 @@ impl Drop for Simulator {
 impl Simulator {
     /// Starts serving on `127.0.0.1` at an ephemeral port.
     pub async fn start(options: SimOptions) -> std::io::Result<Simulator> {
-        Simulator::start_on("127.0.0.1:0".parse().expect("literal address"), options).await
+        Simulator::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), options).await
     }
 
     /// Starts serving on `addr`.

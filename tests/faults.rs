@@ -608,25 +608,9 @@ async fn sigterm_during_a_walk_exits_promptly_with_status_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    for signal in ["TERM"] {
-        let started = Instant::now();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &exporter.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let exit = loop {
-            if let Some(exit) = exporter.child.try_wait().expect("wait") {
-                break exit;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "still running after 5 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(exit.code(), Some(0), "{}", exporter.logs());
-    }
+    exporter.signal("TERM");
+    let exit = exporter.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(exit.code(), Some(0), "{}", exporter.logs());
     assert!(common::http()
         .get(exporter.url("/-/healthy"))
         .send()
@@ -637,17 +621,8 @@ async fn sigterm_during_a_walk_exits_promptly_with_status_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_exits_with_status_zero() {
     let mut exporter = Exporter::start(&["--demo"], &[]).await;
-    let started = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-INT", &exporter.child.id().to_string()])
-        .status()
-        .expect("kill");
-    let exit = loop {
-        if let Some(exit) = exporter.child.try_wait().expect("wait") {
-            break exit;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(exit.code(), Some(0));
+
+    exporter.signal("INT");
+    let exit = exporter.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(exit.code(), Some(0), "{}", exporter.logs());
 }

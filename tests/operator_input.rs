@@ -272,11 +272,7 @@ async fn reload_keeps_values_of_tests_that_stay_and_drops_removed_ones() {
 
     // SIGHUP with a good config again: B comes back, C goes.
     write_config(dir.path(), &[(A, None), (B, None)]);
-    let status = Command::new("kill")
-        .args(["-HUP", &exporter.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    exporter.signal("HUP");
     let s = exporter
         .wait_for("SIGHUP reload", Duration::from_secs(20), |s| {
             s.get(
