@@ -141,6 +141,28 @@ async fn json_5xx_is_retried_with_backoff_then_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_json_5xx_keeps_previous_values() {
+    let (sim, exporter, first, _dir) = two_tests_after_a_good_cycle(&[]).await;
+    sim.inject(
+        Target::Users,
+        Some(A),
+        1_000,
+        Fault::api_error(500, 10001, "Internal server error"),
+    );
+
+    let s = assert_stale_and_marked(&exporter, first, "api_error").await;
+    // Each failed poll tried the page 1 + 3 retries times.
+    assert!(
+        s.get(
+            "cloudflare_access_api_requests_total",
+            &[("endpoint", "users"), ("outcome", "api_error")]
+        )
+        .unwrap_or(0.0)
+            >= 4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body_is_a_decode_failure_not_data() {
     let (sim, exporter, first, _dir) = two_tests_after_a_good_cycle(&[]).await;
     sim.inject(Target::Page(1), Some(A), 1_000, Fault::Truncate);
