@@ -101,6 +101,7 @@ async fn run(args: Args) -> ExitCode {
         quota: args.quota,
         window: args.window,
         latency: args.latency,
+        record_requests: false,
     };
     let simulator = match Simulator::start_on(args.listen, options).await {
         Ok(simulator) => simulator,

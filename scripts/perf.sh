@@ -35,7 +35,7 @@ for tool in curl wrk python3; do
   command -v "$tool" >/dev/null || { echo "perf.sh: $tool is required" >&2; exit 2; }
 done
 
-echo "== building (release)" >&2
+echo "== building (exporter: dist profile; simulator: release)" >&2
 # The exporter as shipped (the dist profile, as in the container image); the
 # simulator with the plain release profile.
 cargo build --profile dist --quiet --bin cloudflare-access-exporter

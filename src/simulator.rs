@@ -250,6 +250,9 @@ pub struct SimOptions {
     pub window: Duration,
     /// Added to every request.
     pub latency: Duration,
+    /// Keep every request for [`Simulator::requests`]; a long-running
+    /// simulator (load runs) turns this off so that it does not grow.
+    pub record_requests: bool,
 }
 
 impl Default for SimOptions {
@@ -260,6 +263,7 @@ impl Default for SimOptions {
             quota: 1200,
             window: Duration::from_secs(300),
             latency: Duration::ZERO,
+            record_requests: true,
         }
     }
 }
@@ -483,6 +487,9 @@ fn plan(state: &mut State, req: &Request<Incoming>) -> Plan {
     let route = route(&path);
 
     let record = |state: &mut State, status: u16| {
+        if !state.options.record_requests {
+            return;
+        }
         state.requests.push(RecordedRequest {
             at: Instant::now(),
             path: path.clone(),
