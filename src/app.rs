@@ -94,10 +94,14 @@ pub async fn run(args: Args) -> ExitCode {
             Credentials::Token(Secret::new(crate::demo::token().to_owned())),
             simulator.url(),
         ),
-        TestSource::File(_) => match Credentials::resolve(&credential_sources(&args)) {
-            Ok(credentials) => (credentials, args.api_url.clone()),
-            Err(e) => return usage(&e.to_string()),
-        },
+        TestSource::File(_) => {
+            let resolved = credential_sources(&args)
+                .and_then(|sources| Credentials::resolve(&sources).map_err(|e| e.to_string()));
+            match resolved {
+                Ok(credentials) => (credentials, args.api_url.clone()),
+                Err(e) => return usage(&e),
+            }
+        }
     };
 
     let web = match &args.web_config_file {
@@ -107,11 +111,11 @@ pub async fn run(args: Args) -> ExitCode {
         },
         None => None,
     };
-    if !args.telemetry_path.starts_with('/')
-        || args.telemetry_path.starts_with("/-/")
-        || args.telemetry_path == "/"
-    {
-        return usage("--web.telemetry-path must start with / and must not be / or under /-/");
+    if let Err(e) = check_telemetry_path(&args.telemetry_path) {
+        return usage(&e);
+    }
+    if let Some(addr) = duplicate(&args.listen_addresses) {
+        return usage(&format!("--web.listen-address {addr} is given twice"));
     }
 
     // Metrics, budget and client.
@@ -167,16 +171,23 @@ pub async fn run(args: Args) -> ExitCode {
         reload: reload_tx,
         web,
     });
-    let mut servers = Vec::new();
+    let mut listeners = Vec::new();
     for addr in &args.listen_addresses {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(listener) => listener,
+        match TcpListener::bind(addr).await {
+            Ok(listener) => listeners.push((addr, listener)),
             Err(e) => {
-                error!(address = %addr, cause = %e, "cannot listen");
+                eprintln!("error: cannot listen on {addr}: {e}");
                 return ExitCode::FAILURE;
             }
-        };
-        info!(address = %addr, tls = state.web.as_ref().is_some_and(|w| w.tls_acceptor().is_some()), "listening");
+        }
+    }
+    let tls = state
+        .web
+        .as_ref()
+        .is_some_and(|w| w.tls_acceptor().is_some());
+    let mut servers = Vec::new();
+    for (addr, listener) in listeners {
+        info!(address = %addr, tls, "listening");
         servers.push(tokio::spawn(server::serve(
             listener,
             state.clone(),
@@ -285,21 +296,47 @@ fn reload(
     }
 }
 
-fn credential_sources(args: &Args) -> CredentialSources {
-    // An empty variable counts as unset, as in a shell.
-    let secret_env = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(Secret::new)
+fn credential_sources(args: &Args) -> Result<CredentialSources, String> {
+    // An empty variable counts as unset, as in a shell; one that is not
+    // UTF-8 cannot be a token or key.
+    let secret_env = |name: &str| match std::env::var(name) {
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => Ok(Some(Secret::new(v))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name} is not valid UTF-8")),
     };
-    CredentialSources {
-        token_env: secret_env("CLOUDFLARE_API_TOKEN"),
+    Ok(CredentialSources {
+        token_env: secret_env("CLOUDFLARE_API_TOKEN")?,
         token_file: args.api_token_file.clone(),
         email: args.api_email.clone(),
-        key_env: secret_env("CLOUDFLARE_API_KEY"),
+        key_env: secret_env("CLOUDFLARE_API_KEY")?,
         key_file: args.api_key_file.clone(),
+    })
+}
+
+/// A telemetry path must be a plain absolute path that no other endpoint uses.
+fn check_telemetry_path(path: &str) -> Result<(), String> {
+    let plain = path.starts_with('/')
+        && path.len() > 1
+        && !path.starts_with("/-/")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "--web.telemetry-path {path:?} must be an absolute path without spaces, query or fragment, other than / and not under /-/"
+        ))
     }
+}
+
+fn duplicate<T: PartialEq + Copy>(items: &[T]) -> Option<T> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, a)| items[..*i].contains(a))
+        .map(|(_, a)| *a)
 }
 
 /// Reports bad input on standard error, once, and gives exit status 2.

@@ -94,27 +94,28 @@ pub struct Args {
     pub request_budget: u32,
 
     /// Timeout for connecting to the API.
-    #[arg(long = "cloudflare.connect-timeout", env = "CLOUDFLARE_ACCESS_EXPORTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long = "cloudflare.connect-timeout", env = "CLOUDFLARE_ACCESS_EXPORTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_timeout)]
     pub connect_timeout: Duration,
 
     /// Timeout for one whole request, body included.
-    #[arg(long = "cloudflare.request-timeout", env = "CLOUDFLARE_ACCESS_EXPORTER_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long = "cloudflare.request-timeout", env = "CLOUDFLARE_ACCESS_EXPORTER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
     pub request_timeout: Duration,
 
     /// Retries of a failed request within one poll (with exponential backoff and jitter).
     #[arg(
         long = "cloudflare.max-retries",
         env = "CLOUDFLARE_ACCESS_EXPORTER_MAX_RETRIES",
-        default_value_t = 3
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u32).range(0..=10)
     )]
     pub max_retries: u32,
 
     /// First retry delay; doubles on each retry.
-    #[arg(long = "cloudflare.retry-backoff", env = "CLOUDFLARE_ACCESS_EXPORTER_RETRY_BACKOFF", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long = "cloudflare.retry-backoff", env = "CLOUDFLARE_ACCESS_EXPORTER_RETRY_BACKOFF", default_value = "500ms", value_parser = parse_backoff)]
     pub retry_backoff: Duration,
 
     /// How long to send nothing after a 429 without a usable Retry-After.
-    #[arg(long = "cloudflare.throttle-backoff", env = "CLOUDFLARE_ACCESS_EXPORTER_THROTTLE_BACKOFF", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long = "cloudflare.throttle-backoff", env = "CLOUDFLARE_ACCESS_EXPORTER_THROTTLE_BACKOFF", default_value = "5m", value_parser = parse_throttle_backoff)]
     pub throttle_backoff: Duration,
 
     /// Time between the starts of two poll cycles [default: 5m, 15s with --demo].
@@ -200,6 +201,31 @@ fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} is not HOST:PORT"))
 }
 
+/// A duration within `min..=max`.
+fn bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < min || d > max {
+        return Err(format!(
+            "must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_millis(100), Duration::from_secs(600))
+}
+
+fn parse_backoff(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_millis(1), Duration::from_secs(60))
+}
+
+fn parse_throttle_backoff(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(1) {
@@ -232,5 +258,9 @@ mod tests {
         assert_eq!(args.api_url, "https://api.cloudflare.com/client/v4");
         assert_eq!(args.poll_interval, None);
         assert!(Args::try_parse_from(["x", "--poll.interval", "10ms"]).is_err());
+        assert!(Args::try_parse_from(["x", "--cloudflare.request-timeout", "0s"]).is_err());
+        assert!(Args::try_parse_from(["x", "--cloudflare.throttle-backoff", "0s"]).is_err());
+        assert!(Args::try_parse_from(["x", "--cloudflare.max-retries", "100"]).is_err());
+        assert!(Args::try_parse_from(["x", "--cloudflare.retry-backoff", "10y"]).is_err());
     }
 }

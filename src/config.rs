@@ -66,8 +66,27 @@ pub struct PolicyTest {
     pub id: PolicyTestId,
 
     /// The `name` label; the id when not given.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "label_name")]
     name: Option<String>,
+}
+
+/// The longest `name` accepted: a label value, not a document.
+const MAX_NAME: usize = 128;
+
+fn label_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let name: Option<String> = Option::deserialize(d)?;
+    match name {
+        Some(name) if name.trim().is_empty() => Err(serde::de::Error::custom(
+            "name must not be empty (leave it out to use the id)",
+        )),
+        Some(name) if name.chars().count() > MAX_NAME => Err(serde::de::Error::custom(format!(
+            "name must be at most {MAX_NAME} characters"
+        ))),
+        Some(name) if name.chars().any(char::is_control) => Err(serde::de::Error::custom(
+            "name must not contain control characters",
+        )),
+        name => Ok(name),
+    }
 }
 
 impl PolicyTest {
@@ -321,6 +340,23 @@ mod tests {
 
         assert!(missing.contains("policy_tests"), "{missing}");
         assert!(empty.policy_tests.is_empty());
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        for (name, why) in [
+            ("\"\"", "must not be empty"),
+            (&"x".repeat(129), "at most 128"),
+            ("\"a\\nb\"", "control characters"),
+        ] {
+            let err = parse(&format!(
+                "policy_tests:\n  - account_id: {ACCOUNT}\n    id: a\n    name: {name}\n"
+            ))
+            .expect_err("invalid")
+            .to_string();
+            assert!(err.contains(why), "{err}");
+            assert!(err.contains("line 4"), "{err}");
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use http::HeaderValue;
 
+/// The longest token or key accepted (Cloudflare's are about 40 characters).
+const MAX_SECRET: usize = 1024;
+
 /// A secret string that never prints.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -97,7 +100,7 @@ pub enum CredentialsError {
 
     /// A secret is empty, holds whitespace, or has characters an HTTP
     /// header cannot carry.
-    #[error("the {what} from {source_name} is empty, contains whitespace or is not a valid HTTP header value")]
+    #[error("the {what} from {source_name} is empty, too long, or has whitespace or characters other than printable ASCII")]
     Malformed {
         /// Which secret.
         what: &'static str,
@@ -214,9 +217,11 @@ fn checked(
     // Editors and `echo` add a trailing newline, copy and paste adds spaces:
     // neither is part of a token or key, and whitespace inside one is not
     // either.
+    // Cloudflare's tokens and keys are short printable ASCII.
     let value = value.trim().to_owned();
     let valid = !value.is_empty()
-        && !value.contains(char::is_whitespace)
+        && value.len() <= MAX_SECRET
+        && value.bytes().all(|b| b.is_ascii_graphic())
         && HeaderValue::from_str(&value).is_ok();
     if valid {
         Ok(Secret::new(value))
@@ -288,6 +293,14 @@ mod tests {
             token_env: secret("  tok en \n"),
             ..Default::default()
         });
+        let non_ascii = Credentials::resolve(&CredentialSources {
+            token_env: secret("tökén"),
+            ..Default::default()
+        });
+        let huge = Credentials::resolve(&CredentialSources {
+            token_env: Some(Secret::new("t".repeat(2000))),
+            ..Default::default()
+        });
         let padded = Credentials::resolve(&CredentialSources {
             token_env: secret("  token\r\n\n"),
             ..Default::default()
@@ -306,6 +319,8 @@ mod tests {
         assert!(unreadable.contains("/nonexistent/token"), "{unreadable}");
         assert!(matches!(empty, Err(CredentialsError::Malformed { .. })));
         assert!(matches!(spaced, Err(CredentialsError::Malformed { .. })));
+        assert!(matches!(non_ascii, Err(CredentialsError::Malformed { .. })));
+        assert!(matches!(huge, Err(CredentialsError::Malformed { .. })));
         assert_eq!(
             padded.expect("valid"),
             Credentials::Token(Secret::new("token".to_owned()))

@@ -307,6 +307,10 @@ impl Metrics {
         for endpoint in [Endpoint::Status, Endpoint::Users] {
             requests.with_label_values(&[endpoint.as_str(), "success"]);
         }
+        for code in KNOWN_ERROR_CODES {
+            errors.with_label_values(&[&code.to_string()]);
+        }
+        errors.with_label_values(&["other"]);
 
         let metrics = Metrics {
             registry,

@@ -57,6 +57,7 @@ enum PollResult {
     NotComplete,
     Deferred,
     Failed,
+    Removed,
 }
 
 impl Poller {
@@ -151,6 +152,12 @@ impl Poller {
     }
 
     async fn poll(&self, test: &PolicyTest) -> PollResult {
+        // A reload during the cycle may have removed the test: spend no
+        // requests on it.
+        if !self.tests.borrow().contains(test) {
+            return PollResult::Removed;
+        }
+
         let status = match self.client.status(test).await {
             Ok(status) => status,
             Err(e) => {

@@ -147,6 +147,10 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET | &Method::HEAD, p) if p == state.telemetry_path => {
             scrape(state, req.headers())
         }
+        (_, p) if p == state.telemetry_path => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires a GET request\n",
+        ),
         (&Method::GET | &Method::HEAD, "/-/healthy") => text(StatusCode::OK, "Healthy\n"),
         (&Method::GET | &Method::HEAD, "/-/ready") => {
             let ready = *state.ready.borrow();

@@ -62,6 +62,24 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         ("key without email", vec!["--config.file".into(), good.clone()], vec![("CLOUDFLARE_API_KEY", "key-zzz8")], vec!["CLOUDFLARE_API_EMAIL"]),
         ("bad api url", vec!["--config.file".into(), good.clone(), "--cloudflare.api-url".into(), "ftp://x".into()], token.to_vec(), vec!["--cloudflare.api-url"]),
         (
+            "telemetry path with a space",
+            vec!["--config.file".into(), good.clone(), "--web.telemetry-path".into(), "/a b".into()],
+            token.to_vec(),
+            vec!["--web.telemetry-path"],
+        ),
+        (
+            "listen address twice",
+            vec!["--config.file".into(), good.clone(), "--web.listen-address".into(), "127.0.0.1:1".into()],
+            token.to_vec(),
+            vec!["127.0.0.1:1 is given twice"],
+        ),
+        (
+            "empty name",
+            vec!["--config.file".into(), file("n.yml", &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: {A}\n    name: ''\n"))],
+            token.to_vec(),
+            vec!["name must not be empty", "line 4"],
+        ),
+        (
             "demo with a config file",
             vec!["--demo".into(), "--config.file".into(), good.clone()],
             vec![],
@@ -357,4 +375,54 @@ async fn secrets_never_reach_logs_metrics_pages_or_errors() {
     );
     assert_eq!(code, Some(2));
     assert!(!stderr.contains("sekrit"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tests_removed_by_a_reload_are_not_polled_by_the_running_cycle() {
+    // Twenty tests polled one at a time, 300 ms a request: a cycle takes
+    // over 12 s. A reload 1 s in keeps only the first test; the cycle must
+    // not go on to poll the others (a poll under way may finish its walk:
+    // three requests, under 1.5 s).
+    let sim = simulator().await;
+    let ids: Vec<String> = (0..20).map(|i| format!("t-{i:02}")).collect();
+    for id in &ids {
+        sim.add_test(sim_test(id, 10));
+    }
+    sim.set_latency(Duration::from_millis(300));
+    let dir = tempfile::tempdir().expect("dir");
+    let all: Vec<(&str, Option<&str>)> = ids.iter().map(|id| (id.as_str(), None)).collect();
+    let config = write_config(dir.path(), &all);
+    let exporter = Exporter::against(
+        &sim,
+        &config,
+        &["--poll.concurrency", "1", "--poll.interval", "1h"],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    write_config(dir.path(), &all[..1]);
+    let response = common::http()
+        .post(exporter.url("/-/reload"))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(response.status(), 200);
+    let reloaded = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let late: Vec<String> = sim
+        .requests()
+        .iter()
+        .filter(|r| r.at.into_std() > reloaded + Duration::from_millis(1500))
+        .filter(|r| !r.path.contains("/t-00"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(late.is_empty(), "removed tests still polled: {late:?}");
+    assert!(
+        sim.requests()
+            .iter()
+            .filter(|r| !r.path.contains("/t-00"))
+            .count()
+            >= 1
+    );
 }
