@@ -370,20 +370,17 @@ impl Client {
 
         let started = Instant::now();
         let sent = self.http.get(url).query(query).send().await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) => {
-                self.metrics.request(endpoint, "transport");
-                return Err(ApiError::Transport {
-                    endpoint: endpoint.as_str(),
-                    message: describe(&e),
-                });
-            }
-        };
+        let response = sent.map_err(|e| self.transport(endpoint, &e))?;
 
+        // Read what the headers say before the body consumes the response.
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        if let Some(limit) = header(&headers, "ratelimit").and_then(RateLimit::parse) {
+        let throttle_wait = (status == 429).then(|| {
+            retry_after(
+                header(response.headers(), "retry-after"),
+                self.throttle_backoff,
+            )
+        });
+        if let Some(limit) = header(response.headers(), "ratelimit").and_then(RateLimit::parse) {
             self.budget.observe_ratelimit(limit);
             self.metrics.ratelimit_remaining(limit.remaining);
             if limit.remaining <= RATELIMIT_RESERVE {
@@ -394,16 +391,10 @@ impl Client {
                 );
             }
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(e) => {
-                self.metrics.request(endpoint, "transport");
-                return Err(ApiError::Transport {
-                    endpoint: endpoint.as_str(),
-                    message: describe(&e),
-                });
-            }
-        };
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport(endpoint, &e))?;
         debug!(
             endpoint = endpoint.as_str(),
             url,
@@ -414,8 +405,7 @@ impl Client {
             "cloudflare request"
         );
 
-        if status == 429 {
-            let wait = retry_after(header(&headers, "retry-after"), self.throttle_backoff);
+        if let Some(wait) = throttle_wait {
             return Err(self.throttled(endpoint, wait));
         }
 
@@ -435,6 +425,15 @@ impl Client {
             Err(_) => self.metrics.request(endpoint, "decode"),
         }
         outcome
+    }
+
+    /// Counts a request that got no HTTP answer (or lost its body).
+    fn transport(&self, endpoint: Endpoint, e: &reqwest::Error) -> ApiError {
+        self.metrics.request(endpoint, "transport");
+        ApiError::Transport {
+            endpoint: endpoint.as_str(),
+            message: describe(e),
+        }
     }
 
     fn throttled(&self, endpoint: Endpoint, wait: Duration) -> ApiError {
