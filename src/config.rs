@@ -4,23 +4,35 @@
 //! checked without calling Cloudflare is checked here, so that a bad file is
 //! rejected with the field and line at fault before anything is polled or
 //! replaced. Credentials are not part of this file; see [`crate::credentials`].
+//! The YAML reading itself, with its one-line errors, is shared with the web
+//! config file ([`crate::webconfig`]).
 
 use std::collections::HashSet;
 use std::fmt;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_saphyr::budget::BudgetBreach;
+use serde_saphyr::MessageFormatter as _;
+
+use crate::input_file::{self, InputFileError};
+
+/// The largest config file read: a list of thousands of tests fits.
+const MAX_FILE: u64 = 1024 * 1024;
 
 /// What went wrong reading the configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read at all.
-    #[error("cannot read config file {path}: {source}")]
+    /// The file could not be read at all: missing, unreadable, not a
+    /// regular file, too large, or not UTF-8.
+    #[error("cannot read config file {path} (--config.file): {source}")]
     Read {
         /// The file named by `--config.file`.
         path: PathBuf,
         /// Why the read failed.
-        source: std::io::Error,
+        source: InputFileError,
     },
 
     /// The YAML is malformed, has an unknown key or a value of the wrong form.
@@ -28,7 +40,7 @@ pub enum ConfigError {
     Parse {
         /// The file named by `--config.file`.
         path: PathBuf,
-        /// The parser's message, with the line and column at fault.
+        /// One line: the line and column, the field at fault, and the cause.
         message: String,
     },
 
@@ -195,12 +207,13 @@ struct RawConfig {
 }
 
 impl Config {
-    /// Reads and checks the file at `path`.
+    /// Reads and checks the file at `path`, a regular file of at most 1 MiB.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            input_file::read_to_string(path, MAX_FILE).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         Config::parse(path, &text)
     }
 
@@ -211,8 +224,7 @@ impl Config {
             message,
         };
 
-        let raw: Option<RawConfig> =
-            serde_saphyr::from_str(text).map_err(|e| parse_error(one_line(&e.to_string())))?;
+        let raw: Option<RawConfig> = parse_yaml(text).map_err(parse_error)?;
         let raw = raw.ok_or_else(|| parse_error("the file is empty".to_owned()))?;
 
         let mut seen: Vec<(&AccountId, &PolicyTestId)> = Vec::new();
@@ -241,15 +253,105 @@ impl Config {
     }
 }
 
-/// The YAML parser renders errors over several lines with a source snippet;
-/// operators get its first line, which holds the line, column and cause.
-pub(crate) fn one_line(message: &str) -> String {
-    let first = message
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("unreadable YAML");
-    first.strip_prefix("error: ").unwrap_or(first).to_owned()
+/// Parses the YAML `text` into `T`.
+///
+/// An error is one line: the line and column, the field at fault
+/// (`policy_tests[0].id`) when the fault is inside the document, and the
+/// cause, in words meant for an operator rather than the parser's own
+/// multi-line report with a source snippet.
+pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    // The path of the value being read is recorded by wrapping the
+    // deserializer, since the parser's errors carry a position only.
+    let mut field = None;
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            field = Some(e.path().to_string());
+            e.into_inner()
+        })
+    });
+
+    parsed.map_err(|e| describe_yaml_error(&e, field.as_deref()))
+}
+
+/// Renders a parser error on one line, without Rust debug text.
+fn describe_yaml_error(err: &serde_saphyr::Error, field: Option<&str>) -> String {
+    let mut message = String::new();
+    if let Some(at) = err.location().filter(|at| at.line() > 0) {
+        let _ = write!(message, "line {} column {}: ", at.line(), at.column());
+    }
+    // The root of the document has the path ".", which names nothing.
+    if let Some(field) = field.filter(|f| !f.is_empty() && *f != ".") {
+        let _ = write!(message, "{field}: ");
+    }
+    message.push_str(&yaml_cause(err));
+
+    // Values quoted in the cause could hold line breaks or terminal escapes.
+    let mut one_line = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            one_line.extend(c.escape_default());
+        } else {
+            one_line.push(c);
+        }
+    }
+    one_line
+}
+
+/// The cause of a parser error, without its position.
+fn yaml_cause(err: &serde_saphyr::Error) -> String {
+    use serde_saphyr::Error;
+
+    // The error of an aliased value and the source snippet are wrappers
+    // around the error itself.
+    let mut inner = err;
+    while let Error::WithSnippet { error, .. } | Error::AliasError { error, .. } = inner {
+        inner = error;
+    }
+
+    match inner {
+        Error::Budget { breach, .. } => format!(
+            "the YAML is too large or too complex for this file: {}",
+            budget_breach(breach)
+        ),
+        Error::AliasReplayCounterOverflow { .. }
+        | Error::AliasReplayLimitExceeded { .. }
+        | Error::AliasExpansionLimitExceeded { .. }
+        | Error::AliasReplayStackDepthExceeded { .. } => {
+            "the YAML is too large or too complex for this file: its aliases expand too far"
+                .to_owned()
+        }
+        Error::Unexpected { expected, .. } => format!("expected {}", yaml_kind(expected)),
+        other => serde_saphyr::UserMessageFormatter
+            .format_message(other)
+            .into_owned(),
+    }
+}
+
+/// Which of the parser's limits a document broke, in words.
+fn budget_breach(breach: &BudgetBreach) -> &'static str {
+    match breach {
+        BudgetBreach::Aliases { .. }
+        | BudgetBreach::AliasAnchorRatio { .. }
+        | BudgetBreach::RecordedAnchorEvents { .. }
+        | BudgetBreach::RecordedAnchorBytes { .. } => "too many aliases",
+        BudgetBreach::Anchors { .. } => "too many anchors",
+        BudgetBreach::Depth { .. } => "nested too deeply",
+        BudgetBreach::Events { .. } | BudgetBreach::Nodes { .. } => "too many values",
+        BudgetBreach::ScalarBytes { .. } => "too much text",
+        BudgetBreach::Documents { .. } => "too many documents",
+        BudgetBreach::MergeKeys { .. } => "too many merge keys",
+        _ => "a parser limit was exceeded",
+    }
+}
+
+/// The YAML node the parser expected, as a YAML user names it.
+fn yaml_kind(expected: &str) -> &str {
+    match expected {
+        "sequence start" => "a list",
+        "mapping start" => "a mapping",
+        "string scalar" => "a string",
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -284,9 +386,96 @@ mod tests {
         .expect_err("invalid")
         .to_string();
 
-        assert!(err.contains("account_id must be 32 hexadecimal"), "{err}");
-        assert!(err.contains("line 4"), "{err}");
-        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(
+            err,
+            "invalid config file config.yml: line 4 column 17: policy_tests[1].account_id: account_id must be 32 hexadecimal characters, got \"xyz\""
+        );
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_name_the_field_and_line() {
+        let cases = [
+            (
+                "policy_tests: 5\n".to_owned(),
+                "line 1 column 15: policy_tests: expected a list",
+            ),
+            (
+                "policy_tests:\n  - 7\n".to_owned(),
+                "line 2 column 5: policy_tests[0]: expected a mapping",
+            ),
+            (
+                format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: [1, 2]\n"),
+                "line 3 column 9: policy_tests[0].id: expected a string",
+            ),
+            (
+                format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: a\n    name: {{a: 1}}\n"),
+                "line 4 column 11: policy_tests[0].name: expected a string",
+            ),
+            (
+                format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: a\n  - account_id: {ACCOUNT}\n    id: ~\n"),
+                "line 5 column 9: policy_tests[1].id: null is not allowed here",
+            ),
+        ];
+
+        for (text, expected) in cases {
+            let err = parse(&text).expect_err("invalid").to_string();
+            assert_eq!(err, format!("invalid config file config.yml: {expected}"));
+        }
+    }
+
+    #[test]
+    fn alias_bomb_is_refused_in_one_clean_line() {
+        // One anchored test repeated through 150 aliases: the parser refuses
+        // documents with far more aliases than anchors.
+        let mut text = format!("policy_tests:\n  - &t {{account_id: {ACCOUNT}, id: a}}\n");
+        for _ in 0..150 {
+            text.push_str("  - *t\n");
+        }
+
+        let err = parse(&text).expect_err("refused").to_string();
+
+        assert_eq!(
+            err,
+            "invalid config file config.yml: line 153 column 1: the YAML is too large or too complex for this file: too many aliases"
+        );
+    }
+
+    #[test]
+    fn load_refuses_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().expect("dir");
+
+        let err = Config::load(dir.path()).expect_err("directory").to_string();
+
+        assert_eq!(
+            err,
+            format!(
+                "cannot read config file {} (--config.file): it is a directory, not a regular file",
+                dir.path().display()
+            )
+        );
+        let err = Config::load(Path::new("/dev/zero"))
+            .expect_err("device")
+            .to_string();
+        assert!(
+            err.contains("/dev/zero (--config.file): it is a character device"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_refuses_files_over_1_mib() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("config.yml");
+        let mut text = "policy_tests: []\n".to_owned();
+        text.push_str(&"#".repeat(1024 * 1024));
+        std::fs::write(&path, text).expect("write");
+
+        let err = Config::load(&path).expect_err("too large").to_string();
+
+        assert!(
+            err.ends_with("(--config.file): it is larger than 1 MiB"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -297,7 +486,10 @@ mod tests {
         .expect_err("invalid")
         .to_string();
 
-        assert!(err.contains("nmae"), "{err}");
+        assert!(
+            err.contains("policy_tests[0].nmae: unknown field `nmae`"),
+            "{err}"
+        );
         assert!(err.contains("line 4"), "{err}");
     }
 
@@ -307,7 +499,10 @@ mod tests {
             .expect_err("invalid")
             .to_string();
 
-        assert!(err.contains("account_id"), "{err}");
+        assert!(
+            err.ends_with("policy_tests[0]: missing field `account_id`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,15 +2,23 @@
 //!
 //! Secrets are held in [`Secret`], whose `Debug` and `Display` print
 //! `[redacted]`, and are sent only as HTTP headers marked sensitive, so no log
-//! line, error message or panic can carry them.
+//! line, error message or panic can carry them. A secret file must be a
+//! regular file (a symlink to one, as in a Kubernetes secret mount, is fine).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use http::HeaderValue;
 
+use crate::input_file::{self, InputFileError};
+
 /// The longest token or key accepted (Cloudflare's are about 40 characters).
 const MAX_SECRET: usize = 1024;
+
+/// The largest secret file read: the longest secret with room for the
+/// whitespace around it that is dropped. A larger file cannot hold a valid
+/// secret, so it is refused without being read to the end.
+const MAX_SECRET_FILE: u64 = 4 * MAX_SECRET as u64;
 
 /// A secret string that never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -87,15 +95,21 @@ pub enum CredentialsError {
     )]
     EmailWithoutKey,
 
+    /// The email given with a key is not one email address.
+    #[error("CLOUDFLARE_API_EMAIL (--cloudflare.api-email) is not an email address: it must have text on both sides of a single '@', and no whitespace or control characters")]
+    MalformedEmail,
+
     /// A secret file could not be read.
-    #[error("cannot read {what} file {path}: {source}")]
+    #[error("cannot read {what} file {path} ({flag}): {source}")]
     Read {
         /// Which secret: "API token" or "API key".
         what: &'static str,
         /// The file named by the flag.
         path: PathBuf,
+        /// The flag that named it.
+        flag: &'static str,
         /// Why it failed.
-        source: std::io::Error,
+        source: InputFileError,
     },
 
     /// A secret is empty, holds whitespace, or has characters an HTTP
@@ -126,6 +140,9 @@ pub struct CredentialSources {
 
 impl Credentials {
     /// Resolves the sources into one scheme, reading secret files.
+    ///
+    /// An email given beside a token is not used (only the Global API key
+    /// goes with an email); that is logged as a warning, once per call.
     pub fn resolve(sources: &CredentialSources) -> Result<Credentials, CredentialsError> {
         let token = one_source(
             "API token",
@@ -141,9 +158,17 @@ impl Credentials {
 
         match (token, key, email) {
             (Some(_), Some(_), _) => Err(CredentialsError::Both),
-            (Some(token), None, _) => Ok(Credentials::Token(token)),
+            (Some(token), None, email) => {
+                if email.is_some() {
+                    tracing::warn!(
+                        variable = "CLOUDFLARE_API_EMAIL",
+                        "CLOUDFLARE_API_EMAIL (--cloudflare.api-email) is ignored: an API token is used, and only the Global API key goes with an email"
+                    );
+                }
+                Ok(Credentials::Token(token))
+            }
             (None, Some(key), Some(email)) => Ok(Credentials::Key {
-                email: email.trim().to_owned(),
+                email: checked_email(email)?,
                 key,
             }),
             (None, Some(_), None) => Err(CredentialsError::KeyWithoutEmail),
@@ -185,7 +210,7 @@ fn one_source(
     match (from_env, from_file) {
         (Some(_), Some(_)) => Err(CredentialsError::Twice { what, env, flag }),
         (Some(secret), None) => checked(what, env.to_owned(), secret.expose().to_owned()).map(Some),
-        (None, Some(path)) => read_secret(what, path).map(Some),
+        (None, Some(path)) => read_secret(what, flag, path).map(Some),
         (None, None) => Ok(None),
     }
 }
@@ -200,13 +225,36 @@ fn sensitive(what: &'static str, value: String) -> Result<HeaderValue, Credentia
 }
 
 /// Reads a secret file, dropping the trailing newline editors and `echo` add.
-fn read_secret(what: &'static str, path: &Path) -> Result<Secret, CredentialsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
-        what,
-        path: path.to_owned(),
-        source,
+fn read_secret(
+    what: &'static str,
+    flag: &'static str,
+    path: &Path,
+) -> Result<Secret, CredentialsError> {
+    let text = input_file::read_to_string(path, MAX_SECRET_FILE).map_err(|source| {
+        CredentialsError::Read {
+            what,
+            path: path.to_owned(),
+            flag,
+            source,
+        }
     })?;
     checked(what, path.display().to_string(), text)
+}
+
+/// The email of the Global API key, without the whitespace around it: one
+/// address, with text on both sides of a single `@`.
+fn checked_email(email: &str) -> Result<String, CredentialsError> {
+    let email = email.trim();
+    let well_formed = match email.split_once('@') {
+        Some((local, domain)) => !local.is_empty() && !domain.is_empty() && !domain.contains('@'),
+        None => false,
+    };
+    let clean = !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if well_formed && clean {
+        Ok(email.to_owned())
+    } else {
+        Err(CredentialsError::MalformedEmail)
+    }
 }
 
 fn checked(
@@ -254,6 +302,99 @@ mod tests {
         let auth = &headers[http::header::AUTHORIZATION];
         assert_eq!(auth.to_str().expect("ascii"), "Bearer tok-123");
         assert!(auth.is_sensitive());
+    }
+
+    #[test]
+    fn email_beside_a_key_must_be_one_address() {
+        let with_key = |email: &str| {
+            Credentials::resolve(&CredentialSources {
+                key_env: secret("key-zzz8"),
+                email: Some(email.to_owned()),
+                ..Default::default()
+            })
+        };
+
+        assert_eq!(
+            with_key(" ops@example.com\n").expect("valid"),
+            Credentials::Key {
+                email: "ops@example.com".to_owned(),
+                key: Secret::new("key-zzz8".to_owned()),
+            }
+        );
+        for bad in [
+            "ops",
+            "@example.com",
+            "ops@",
+            "ops@example@com",
+            "ops @example.com",
+            "ops@exam\tple.com",
+            "ops\u{7}@example.com",
+        ] {
+            let err = with_key(bad).expect_err(bad).to_string();
+            assert_eq!(
+                err,
+                "CLOUDFLARE_API_EMAIL (--cloudflare.api-email) is not an email address: it must have text on both sides of a single '@', and no whitespace or control characters",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn email_beside_a_token_is_not_used() {
+        let creds = Credentials::resolve(&CredentialSources {
+            token_env: secret("tok"),
+            email: Some("not an email".to_owned()),
+            ..Default::default()
+        });
+
+        assert_eq!(
+            creds.expect("valid"),
+            Credentials::Token(Secret::new("tok".to_owned()))
+        );
+    }
+
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let big = dir.path().join("token");
+        std::fs::write(&big, "t".repeat(5000)).expect("write");
+        let read = |token_file: &Path| {
+            Credentials::resolve(&CredentialSources {
+                token_file: Some(token_file.to_owned()),
+                ..Default::default()
+            })
+            .expect_err("refused")
+            .to_string()
+        };
+
+        assert_eq!(
+            read(dir.path()),
+            format!(
+                "cannot read API token file {} (--cloudflare.api-token-file): it is a directory, not a regular file",
+                dir.path().display()
+            )
+        );
+        assert_eq!(
+            read(Path::new("/dev/zero")),
+            "cannot read API token file /dev/zero (--cloudflare.api-token-file): it is a character device, not a regular file"
+        );
+        assert!(
+            read(&big).ends_with("(--cloudflare.api-token-file): it is larger than 4 KiB"),
+            "{}",
+            read(&big)
+        );
+        let key = Credentials::resolve(&CredentialSources {
+            key_file: Some(dir.path().to_owned()),
+            email: Some("ops@example.com".to_owned()),
+            ..Default::default()
+        })
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            key.starts_with("cannot read API key file")
+                && key.contains("(--cloudflare.api-key-file): it is a directory"),
+            "{key}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! user page of one test into a [`tally`]; [`metrics`] holds the series and
 //! the cached exposition that [`server`] serves. [`simulator`] is a local
 //! stand-in for the API, used by [`demo`] and the tests; [`app`] wires it all.
+//! [`input_file`] reads the files the operator names, within limits.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@ pub mod cloudflare;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod input_file;
 pub mod metrics;
 pub mod poll;
 pub mod server;

@@ -32,6 +32,12 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The pause after a first failed accept (as in Go's net/http server).
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+
+/// The longest pause between two failed accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// A reload request: the outcome is sent back on the channel.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
 
@@ -60,19 +66,31 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let tls = state.web.as_ref().and_then(|web| web.tls_acceptor());
+    let mut backoff = AcceptBackoff::default();
 
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    warn!(cause = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // When file descriptors run out, the error repeats
+                    // until a connection closes: wait, longer each time,
+                    // rather than spin and log on every turn.
+                    let pause = backoff.failed();
+                    warn!(
+                        cause = %e,
+                        retry_in = %humantime::format_duration(pause),
+                        "accept failed"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = stopped(&mut shutdown) => break,
+                    }
                 }
             },
             _ = stopped(&mut shutdown) => break,
         };
+        backoff.succeeded();
         let _ = stream.set_nodelay(true);
 
         let handler_state = state.clone();
@@ -113,6 +131,32 @@ pub async fn serve(
     }
 }
 
+/// The pause after each failed accept: 5 ms, doubling to at most 1 s, and
+/// back to 5 ms after an accept succeeds. One warning is logged per pause,
+/// so a lasting failure logs at most once a second.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// The last pause, while accepts keep failing.
+    pause: Option<Duration>,
+}
+
+impl AcceptBackoff {
+    /// Records a failed accept and returns how long to wait before the next.
+    fn failed(&mut self) -> Duration {
+        let pause = match self.pause {
+            None => ACCEPT_BACKOFF_FIRST,
+            Some(last) => (last * 2).min(ACCEPT_BACKOFF_MAX),
+        };
+        self.pause = Some(pause);
+        pause
+    }
+
+    /// Records an accepted connection: the next failure starts over.
+    fn succeeded(&mut self) {
+        self.pause = None;
+    }
+}
+
 /// HTTP/1 settings for every connection: a slow client cannot hold a
 /// connection open by never finishing its headers.
 fn http1_builder() -> http1::Builder {
@@ -141,18 +185,14 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
         }
     }
 
-    let path = req.uri().path();
-    let method = req.method();
-    match (method, path) {
-        (&Method::GET | &Method::HEAD, p) if p == state.telemetry_path => {
-            scrape(state, req.headers())
-        }
-        (_, p) if p == state.telemetry_path => text(
+    match route(req.method(), req.uri().path(), &state.telemetry_path) {
+        Route::Metrics => scrape(state, req.headers()),
+        Route::MetricsWrongMethod => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "This endpoint requires a GET request\n",
         ),
-        (&Method::GET | &Method::HEAD, "/-/healthy") => text(StatusCode::OK, "Healthy\n"),
-        (&Method::GET | &Method::HEAD, "/-/ready") => {
+        Route::Healthy => text(StatusCode::OK, "Healthy\n"),
+        Route::Ready => {
             let ready = *state.ready.borrow();
             if ready {
                 text(StatusCode::OK, "Ready\n")
@@ -163,16 +203,45 @@ async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
                 )
             }
         }
-        (&Method::POST, "/-/reload") => reload(state).await,
-        (_, "/-/reload") => text(
+        Route::Reload => reload(state).await,
+        Route::ReloadWrongMethod => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "This endpoint requires a POST request\n",
         ),
-        (&Method::GET | &Method::HEAD, "/") => Response::builder()
+        Route::Landing => Response::builder()
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(Body::from(landing_page(state)))
             .unwrap_or_default(),
-        _ => text(StatusCode::NOT_FOUND, "Not found\n"),
+        Route::NotFound => text(StatusCode::NOT_FOUND, "Not found\n"),
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    MetricsWrongMethod,
+    Healthy,
+    Ready,
+    Reload,
+    ReloadWrongMethod,
+    Landing,
+    NotFound,
+}
+
+/// Routes by exact path, as Go's exporters do: `/metrics/` is not
+/// `/metrics`, and no path is matched by prefix.
+fn route(method: &Method, path: &str, telemetry_path: &str) -> Route {
+    let read = method == Method::GET || method == Method::HEAD;
+    match path {
+        p if p == telemetry_path && read => Route::Metrics,
+        p if p == telemetry_path => Route::MetricsWrongMethod,
+        "/-/healthy" if read => Route::Healthy,
+        "/-/ready" if read => Route::Ready,
+        "/-/reload" if method == Method::POST => Route::Reload,
+        "/-/reload" => Route::ReloadWrongMethod,
+        "/" if read => Route::Landing,
+        _ => Route::NotFound,
     }
 }
 
@@ -304,6 +373,58 @@ mod tests {
         assert!(!accepts_gzip(&headers("gzip;q=0")));
         assert!(!accepts_gzip(&headers("identity")));
         assert!(!accepts_gzip(&http::HeaderMap::new()));
+    }
+
+    #[test]
+    fn only_the_exact_telemetry_path_serves_metrics() {
+        let get = Method::GET;
+
+        assert_eq!(route(&get, "/metrics", "/metrics"), Route::Metrics);
+        assert_eq!(route(&Method::HEAD, "/metrics", "/metrics"), Route::Metrics);
+        for path in [
+            "/metrics/",
+            "/metrics//",
+            "//metrics",
+            "/Metrics",
+            "/metrics/x",
+        ] {
+            assert_eq!(route(&get, path, "/metrics"), Route::NotFound, "{path}");
+        }
+        assert_eq!(route(&get, "/custom/path", "/custom/path"), Route::Metrics);
+        assert_eq!(route(&get, "/metrics", "/custom/path"), Route::NotFound);
+        assert_eq!(
+            route(&Method::POST, "/metrics", "/metrics"),
+            Route::MetricsWrongMethod
+        );
+    }
+
+    #[test]
+    fn other_endpoints_route_by_exact_path_and_method() {
+        let get = Method::GET;
+
+        assert_eq!(route(&get, "/", "/metrics"), Route::Landing);
+        assert_eq!(route(&get, "/-/healthy", "/metrics"), Route::Healthy);
+        assert_eq!(route(&get, "/-/healthy/", "/metrics"), Route::NotFound);
+        assert_eq!(route(&get, "/-/ready", "/metrics"), Route::Ready);
+        assert_eq!(route(&Method::POST, "/-/reload", "/metrics"), Route::Reload);
+        assert_eq!(
+            route(&get, "/-/reload", "/metrics"),
+            Route::ReloadWrongMethod
+        );
+        assert_eq!(route(&Method::POST, "/", "/metrics"), Route::NotFound);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_from_5ms_to_1s_and_resets_on_success() {
+        let mut backoff = AcceptBackoff::default();
+        let pauses: Vec<u64> = (0..10)
+            .map(|_| backoff.failed().as_millis() as u64)
+            .collect();
+
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(), Duration::from_millis(5));
+        assert_eq!(backoff.failed(), Duration::from_millis(10));
     }
 
     #[test]

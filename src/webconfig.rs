@@ -3,7 +3,8 @@
 //! The file has the shape Prometheus's own exporters read:
 //! `tls_server_config` (`cert_file`, `key_file`, optional `client_auth_type`
 //! with `client_ca_file`, `min_version`) and `basic_auth_users` (user name
-//! to bcrypt hash). Relative paths are taken from the file's directory.
+//! to bcrypt hash). Relative paths are taken from the file's directory. The
+//! file and the TLS files it names must be regular files of at most 1 MiB.
 //!
 //! Unlike the Go toolkit, the file is read once at start-up; certificates
 //! are not re-read on every request, so rotating them needs a restart. The
@@ -21,16 +22,22 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
 
+use crate::input_file::{self, InputFileError};
+
+/// The largest web config, certificate, key or CA file read.
+const MAX_FILE: u64 = 1024 * 1024;
+
 /// What is wrong with the web config file.
 #[derive(Debug, thiserror::Error)]
 pub enum WebConfigError {
-    /// The file could not be read.
-    #[error("cannot read web config file {path}: {source}")]
+    /// The file could not be read: missing, unreadable, not a regular
+    /// file, too large, or not UTF-8.
+    #[error("cannot read web config file {path} (--web.config.file): {source}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        source: InputFileError,
     },
     /// The YAML is malformed or has unknown keys.
     #[error("invalid web config file {path}: {message}")]
@@ -104,14 +111,15 @@ impl std::fmt::Debug for WebConfig {
 impl WebConfig {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WebConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let raw: Option<RawWebConfig> =
-            serde_saphyr::from_str(&text).map_err(|e| WebConfigError::Parse {
+        let text =
+            input_file::read_to_string(path, MAX_FILE).map_err(|source| WebConfigError::Read {
                 path: path.to_owned(),
-                message: crate::config::one_line(&e.to_string()),
+                source,
+            })?;
+        let raw: Option<RawWebConfig> =
+            crate::config::parse_yaml(&text).map_err(|message| WebConfigError::Parse {
+                path: path.to_owned(),
+                message,
             })?;
         let raw = raw.unwrap_or(RawWebConfig {
             tls_server_config: None,
@@ -195,9 +203,10 @@ fn tls_acceptor(base: &Path, raw: &RawTls) -> Result<TlsAcceptor, String> {
     let resolve = |p: &str| base.join(p);
 
     let cert_path = resolve(&raw.cert_file);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|iter| iter.collect::<Result<_, _>>())
-        .map_err(|e| format!("cert_file {}: {e}", cert_path.display()))?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&pem("cert_file", &cert_path)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cert_file {}: {e}", cert_path.display()))?;
     if certs.is_empty() {
         return Err(format!(
             "cert_file {}: no certificate found",
@@ -205,7 +214,7 @@ fn tls_acceptor(base: &Path, raw: &RawTls) -> Result<TlsAcceptor, String> {
         ));
     }
     let key_path = resolve(&raw.key_file);
-    let key = PrivateKeyDer::from_pem_file(&key_path)
+    let key = PrivateKeyDer::from_pem_slice(&pem("key_file", &key_path)?)
         .map_err(|e| format!("key_file {}: {e}", key_path.display()))?;
 
     let versions: &[&rustls::SupportedProtocolVersion] = match raw.min_version.as_deref() {
@@ -229,9 +238,7 @@ fn tls_acceptor(base: &Path, raw: &RawTls) -> Result<TlsAcceptor, String> {
                 .ok_or_else(|| format!("client_auth_type {auth_type} needs client_ca_file"))?;
             let ca_path = resolve(ca);
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(&ca_path)
-                .map_err(|e| format!("client_ca_file {}: {e}", ca_path.display()))?
-            {
+            for cert in CertificateDer::pem_slice_iter(&pem("client_ca_file", &ca_path)?) {
                 let cert = cert.map_err(|e| format!("client_ca_file {}: {e}", ca_path.display()))?;
                 roots
                     .add(cert)
@@ -253,6 +260,11 @@ fn tls_acceptor(base: &Path, raw: &RawTls) -> Result<TlsAcceptor, String> {
         .map_err(|e| format!("cert_file/key_file: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Reads the PEM file named by the `field` of `tls_server_config`.
+fn pem(field: &str, path: &Path) -> Result<Vec<u8>, String> {
+    input_file::read(path, MAX_FILE).map_err(|e| format!("{field} {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -322,5 +334,52 @@ mod tests {
             "{missing}"
         );
         assert!(user.contains("basic_auth_users.alice"), "{user}");
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_name_the_field_and_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = write(
+            dir.path(),
+            "web.yml",
+            "tls_server_config:\n  cert_file: [a, b]\n  key_file: y\n",
+        );
+
+        let err = WebConfig::load(&path).expect_err("invalid").to_string();
+
+        assert_eq!(
+            err,
+            format!(
+                "invalid web config file {}: line 2 column 14: tls_server_config.cert_file: expected a string",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn files_that_are_not_regular_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let tls = write(
+            dir.path(),
+            "tls.yml",
+            "tls_server_config:\n  cert_file: /dev/zero\n  key_file: y\n",
+        );
+
+        let web = WebConfig::load(dir.path())
+            .expect_err("directory")
+            .to_string();
+        let cert = WebConfig::load(&tls).expect_err("device").to_string();
+
+        assert_eq!(
+            web,
+            format!(
+                "cannot read web config file {} (--web.config.file): it is a directory, not a regular file",
+                dir.path().display()
+            )
+        );
+        assert!(
+            cert.ends_with("tls_server_config: cert_file /dev/zero: it is a character device, not a regular file"),
+            "{cert}"
+        );
     }
 }

@@ -344,6 +344,11 @@ async fn legacy_key_authenticates_and_endpoints_answer() {
     );
     let missing = client.get(exporter.url("/nope")).send().await.expect("404");
     assert_eq!(missing.status(), 404);
+    // Only the exact telemetry path serves the exposition, as in Go's exporters.
+    for path in ["/metrics/", "/metrics/x"] {
+        let near = client.get(exporter.url(path)).send().await.expect("404");
+        assert_eq!(near.status(), 404, "{path}");
+    }
     let get_reload = client
         .get(exporter.url("/-/reload"))
         .send()

@@ -44,6 +44,20 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: {A}\n"),
     );
     let token = [("CLOUDFLARE_API_TOKEN", "tok-zzz9")];
+    let key = |email| {
+        vec![
+            ("CLOUDFLARE_API_EMAIL", email),
+            ("CLOUDFLARE_API_KEY", "key-zzz8"),
+        ]
+    };
+    // Nothing ever writes to this FIFO: a read of it would never end.
+    let fifo = dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let fifo = fifo.to_str().expect("utf-8").to_owned();
+    let a_dir = dir.path().to_str().expect("utf-8").to_owned();
+    let mut bomb = format!("policy_tests:\n  - &t {{account_id: {ACCOUNT}, id: {A}}}\n");
+    bomb.push_str(&"  - *t\n".repeat(150));
 
     // (what, flags, environment, what stderr must say)
     type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
@@ -92,6 +106,20 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
             vec!["CLOUDFLARE_API_TOKEN", "whitespace"],
         ),
         ("bad interval", vec!["--poll.interval".into(), "soon".into()], token.to_vec(), vec!["--poll.interval"]),
+        ("tests not a list", vec!["--config.file".into(), file("l.yml", "policy_tests: 5\n")], token.to_vec(), vec!["l.yml: line 1 column 15: policy_tests: expected a list"]),
+        ("id a list", vec!["--config.file".into(), file("i.yml", &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: [1, 2]\n"))], token.to_vec(), vec!["i.yml: line 3 column 9: policy_tests[0].id: expected a string"]),
+        ("name a mapping", vec!["--config.file".into(), file("nm.yml", &format!("policy_tests:\n  - account_id: {ACCOUNT}\n    id: {A}\n    name: {{a: 1}}\n"))], token.to_vec(), vec!["nm.yml: line 4 column 11: policy_tests[0].name: expected a string"]),
+        ("alias bomb", vec!["--config.file".into(), file("bomb.yml", &bomb)], token.to_vec(), vec!["bomb.yml: line 153 column 1: the YAML is too large or too complex for this file: too many aliases"]),
+        ("config file a FIFO", vec!["--config.file".into(), fifo.clone()], token.to_vec(), vec!["cannot read config file", "/fifo (--config.file): it is a named pipe (FIFO), not a regular file"]),
+        ("config file a directory", vec!["--config.file".into(), a_dir.clone()], token.to_vec(), vec!["(--config.file): it is a directory, not a regular file"]),
+        ("config file /dev/zero", vec!["--config.file".into(), "/dev/zero".into()], token.to_vec(), vec!["/dev/zero (--config.file): it is a character device"]),
+        ("token file a FIFO", vec!["--config.file".into(), good.clone(), "--cloudflare.api-token-file".into(), fifo.clone()], vec![], vec!["cannot read API token file", "/fifo (--cloudflare.api-token-file): it is a named pipe (FIFO)"]),
+        ("token file /dev/zero", vec!["--config.file".into(), good.clone(), "--cloudflare.api-token-file".into(), "/dev/zero".into()], vec![], vec!["/dev/zero (--cloudflare.api-token-file): it is a character device"]),
+        ("key file a directory", vec!["--config.file".into(), good.clone(), "--cloudflare.api-key-file".into(), a_dir.clone()], vec![("CLOUDFLARE_API_EMAIL", "ops@example.com")], vec!["(--cloudflare.api-key-file): it is a directory"]),
+        ("web config file a FIFO", vec!["--config.file".into(), good.clone(), "--web.config.file".into(), fifo.clone()], token.to_vec(), vec!["cannot read web config file", "/fifo (--web.config.file): it is a named pipe (FIFO)"]),
+        ("email without an @", vec!["--config.file".into(), good.clone()], key("ops.example.com"), vec!["CLOUDFLARE_API_EMAIL (--cloudflare.api-email) is not an email address"]),
+        ("email with two @", vec!["--config.file".into(), good.clone()], key("ops@x@example.com"), vec!["CLOUDFLARE_API_EMAIL", "not an email address"]),
+        ("email with a space", vec!["--config.file".into(), good.clone()], key("ops @example.com"), vec!["CLOUDFLARE_API_EMAIL", "not an email address"]),
     ];
 
     for (what, args, env, expected) in cases {
@@ -113,6 +141,44 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         );
         assert!(!stderr.contains("zzz"), "{what}: a secret in {stderr}");
     }
+}
+
+#[test]
+fn email_beside_a_token_is_ignored_with_one_warning() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path(), &[(A, None)]);
+    let config = config.to_str().expect("path");
+
+    let (code, stdout, stderr) = run(
+        &["--config.check", "--config.file", config],
+        &[
+            ("CLOUDFLARE_API_TOKEN", "tok-zzz9"),
+            ("CLOUDFLARE_API_EMAIL", "ops@example.com"),
+        ],
+    );
+
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), "configuration is valid: 1 policy test");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("level=warn"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains(
+            "CLOUDFLARE_API_EMAIL (--cloudflare.api-email) is ignored: an API token is used"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("zzz"), "a secret in {stderr}");
+
+    // Without the email, no warning.
+    let (code, _, stderr) = run(
+        &["--config.check", "--config.file", config],
+        &[("CLOUDFLARE_API_TOKEN", "tok-zzz9")],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("level=warn"), "{stderr}");
 }
 
 #[test]
