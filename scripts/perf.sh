@@ -13,6 +13,12 @@
 #                walk is in progress
 #   start-up     /-/healthy answers within 100 ms of process start
 #
+# For information, not judged: the same wrk load with Accept-Encoding: gzip
+# (as Prometheus scrapes), on /-/healthy, and against a bare hyper server
+# (examples/static_body.rs) serving a 50 KB body, this exposition, and this
+# exposition cut down to its core series: what the HTTP stack on
+# this machine allows for bodies of those sizes.
+#
 # Prints a markdown table with PASS/FAIL per target; exits 1 if any target
 # fails, 2 if a scenario could not be run at all. Needs curl, wrk, python3.
 #
@@ -51,6 +57,7 @@ idle=$(((i2 + w2) - (i1 + w1)))
 idle_before=$(awk -v b="$busy" -v i="$idle" 'BEGIN { printf "%.0f", 100 * i / (b + i + (b + i == 0)) }')
 EXPORTER=target/dist/cloudflare-access-exporter
 SIMULATOR=target/release/examples/simulator
+STATIC_BODY=target/release/examples/static_body
 
 work=$(mktemp -d)
 pids=()
@@ -186,7 +193,7 @@ run_wrk() {
   local name=$1
   shift
   timeout $((WRK_SECONDS + 20)) wrk -t2 -c16 -d"${WRK_SECONDS}s" --latency "$@" \
-    "http://127.0.0.1:$exp_port${WRK_PATH:-/metrics}" >"$work/$name.wrk" 2>&1 || die "wrk failed: $(cat "$work/$name.wrk")"
+    "${WRK_BASE:-http://127.0.0.1:$exp_port}${WRK_PATH:-/metrics}" >"$work/$name.wrk" 2>&1 || die "wrk failed: $(cat "$work/$name.wrk")"
   read -r wrk_rps wrk_p99 < <(wrk_summary "$work/$name.wrk")
 }
 
@@ -274,8 +281,45 @@ row "For information: same, with Accept-Encoding: gzip ($gzip_bytes-byte body): 
   "$wrk_rps, $wrk_p99 ms" "-" "-"
 # For information: the floor this machine sets, wrk on the cheapest endpoint.
 WRK_PATH=/-/healthy run_wrk idle-healthy
-stop_exporter
 row "For information: same load on /-/healthy (8-byte body): req/s, p99" "$wrk_rps, $wrk_p99 ms" "-" "-"
+scrape >"$work/exposition.txt"
+stop_exporter
+
+# For information: the HTTP stack's ceiling. A bare hyper server
+# (examples/static_body.rs) serving fixed bytes under the same wrk load:
+# a 50 KB body (the size the targets were set against), this very
+# exposition, and the exposition cut down to nine core series per test
+# (users by status, poll success, last success, the current state, walk
+# duration and pages).
+echo "== ceiling: a bare hyper server serving the same bytes" >&2
+head -c 51200 "$work/exposition.txt" >"$work/body-50k.txt"
+grep -E '^(# (HELP|TYPE) )?cloudflare_access_policy_test_(users|poll_success|last_success_timestamp_seconds|walk_duration_seconds|walk_pages)[{ ]' \
+  "$work/exposition.txt" >"$work/body-minimum.txt"
+grep -E '^cloudflare_access_policy_test_state[{]' "$work/exposition.txt" | grep -v '} 0$' >>"$work/body-minimum.txt"
+minimum_series=$(grep -cv '^#' "$work/body-minimum.txt")
+# ceiling NAME FILE : wrk against static_body serving FILE; sets wrk_rps, wrk_p99.
+ceiling() {
+  "$STATIC_BODY" --file "$2" >"$work/$1.url" 2>"$work/$1.err" &
+  local pid=$! deadline=$(($(now_ms) + 10000))
+  pids+=("$pid")
+  until [ -s "$work/$1.url" ]; do
+    kill -0 "$pid" 2>/dev/null || die "static_body exited: $(cat "$work/$1.err")"
+    [ "$(now_ms)" -lt "$deadline" ] || die "static_body printed no URL"
+    sleep 0.02
+  done
+  WRK_BASE=$(head -n1 "$work/$1.url") run_wrk "$1"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+ceiling ceiling-50k "$work/body-50k.txt"
+row "For information: bare hyper server, static 51,200-byte body: req/s, p99" "$wrk_rps, $wrk_p99 ms" "-" "-"
+ceiling ceiling-same "$work/exposition.txt"
+ceiling_rps=$wrk_rps
+row "For information: bare hyper server, this $expo_bytes-byte exposition: req/s, p99 (exporter at $(awk -v e="$idle_rps" -v c="$ceiling_rps" 'BEGIN { printf "%.0f", 100 * e / c }')% of it)" \
+  "$wrk_rps, $wrk_p99 ms" "-" "-"
+ceiling ceiling-minimum "$work/body-minimum.txt"
+row "For information: bare hyper server, only the $minimum_series core series ($(wc -c <"$work/body-minimum.txt") bytes): req/s, p99" \
+  "$wrk_rps, $wrk_p99 ms" "-" "-"
 
 # 4. wrk while a 1M-user walk is in progress: 100 tests, one of 1M users;
 #    with a 1 s interval, cycles (and the big walk) run back to back.
