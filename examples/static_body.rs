@@ -24,11 +24,12 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{header, Response};
 use http_body_util::Full;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+
+use cloudflare_access_exporter::server::http1_builder;
 
 /// Serves one file's bytes on every path until killed.
 #[derive(Debug, Parser)]
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
     };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -105,7 +107,7 @@ async fn serve(listen: SocketAddr, body: Bytes) -> std::io::Result<()> {
         });
 
         tokio::spawn(async move {
-            let _ = http1::Builder::new()
+            let _ = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -217,7 +217,7 @@ pub async fn run(args: Args) -> ExitCode {
         ready_tx,
         wake.clone(),
     );
-    let poller = tokio::spawn(poller.run());
+    let mut poller = tokio::spawn(poller.run());
     info!(
         version = env!("CARGO_PKG_VERSION"),
         demo = args.demo,
@@ -245,6 +245,14 @@ pub async fn run(args: Args) -> ExitCode {
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            ended = &mut poller => {
+                // The poller runs until aborted: ending means it panicked.
+                // Serving frozen numbers as if healthy would be worse than
+                // exiting for the supervisor to restart.
+                error!(cause = ?ended.err(), "the poller stopped; exiting");
+                let _ = shutdown_tx.send(true);
+                return ExitCode::FAILURE;
+            }
         }
     }
 
@@ -262,7 +270,8 @@ pub async fn run(args: Args) -> ExitCode {
 
 /// Reloads the config file: a good one replaces the tests (series of removed
 /// tests disappear, the others keep their values); a bad one is refused and
-/// the running config stays.
+/// the running config stays. Falls short: credentials and the web config are
+/// read at start-up only, so a rotated token needs a restart.
 fn reload(
     source: &TestSource,
     tests: &watch::Sender<Arc<Vec<PolicyTest>>>,
@@ -273,7 +282,7 @@ fn reload(
         TestSource::File(path) => path,
         TestSource::Demo(_) => {
             info!("reload requested; the demo has no config file, nothing reloaded");
-            return Ok(());
+            return Err("the demo has no config file; nothing was reloaded".to_owned());
         }
     };
 

@@ -227,11 +227,11 @@ fn parse_throttle_backoff(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d < Duration::from_secs(1) {
-        return Err("must be at least 1s".to_owned());
-    }
-    Ok(d)
+    bounded(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(7 * 24 * 3600),
+    )
 }
 
 #[cfg(test)]
@@ -258,6 +258,8 @@ mod tests {
         assert_eq!(args.api_url, "https://api.cloudflare.com/client/v4");
         assert_eq!(args.poll_interval, None);
         assert!(Args::try_parse_from(["x", "--poll.interval", "10ms"]).is_err());
+        assert!(Args::try_parse_from(["x", "--poll.interval", "8d"]).is_err());
+        assert!(Args::try_parse_from(["x", "--poll.interval", "7d"]).is_ok());
         assert!(Args::try_parse_from(["x", "--cloudflare.request-timeout", "0s"]).is_err());
         assert!(Args::try_parse_from(["x", "--cloudflare.throttle-backoff", "0s"]).is_err());
         assert!(Args::try_parse_from(["x", "--cloudflare.max-retries", "100"]).is_err());

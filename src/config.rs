@@ -44,7 +44,8 @@ pub enum ConfigError {
         message: String,
     },
 
-    /// The same test is listed twice.
+    /// The same test is listed twice. Falls short: the repeat is named by
+    /// its position in `policy_tests`, not by its line in the file.
     #[error("invalid config file {path}: policy_tests[{index}]: duplicate of policy_tests[{first}] (account_id {account_id}, id {id})")]
     Duplicate {
         /// The file named by `--config.file`.

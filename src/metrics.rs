@@ -22,7 +22,9 @@ use crate::config::PolicyTest;
 use crate::tally::UserStatus;
 use crate::walk::Walk;
 
-/// The `Content-Type` of the exposition.
+/// The `Content-Type` of the exposition: the classic text format. Falls
+/// short: OpenMetrics is not offered (the `prometheus` crate has no encoder
+/// for it), so a scraper asking for it gets this format, correctly labelled.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Cloudflare error codes given their own `code` label value; every other
@@ -39,13 +41,26 @@ pub struct ApiMetrics {
     requests: IntCounterVec,
     errors: IntCounterVec,
     throttled: IntCounter,
-    ratelimit_remaining: IntGauge,
+    /// Label-less, so that it is absent until a `Ratelimit` header has been
+    /// seen rather than a 0 that reads as "window spent".
+    ratelimit_remaining: IntGaugeVec,
     budget_remaining: IntGauge,
 }
+
+/// Every `outcome` label value of the request counter.
+const REQUEST_OUTCOMES: [&str; 6] = [
+    "success",
+    "api_error",
+    "http_error",
+    "decode",
+    "transport",
+    "rate_limited",
+];
 
 impl ApiMetrics {
     /// Counts one request attempt by endpoint and outcome.
     pub fn request(&self, endpoint: Endpoint, outcome: &str) {
+        debug_assert!(REQUEST_OUTCOMES.contains(&outcome), "{outcome}");
         self.requests
             .with_label_values(&[endpoint.as_str(), outcome])
             .inc();
@@ -68,12 +83,19 @@ impl ApiMetrics {
 
     /// Records `r=` of the last `Ratelimit` header.
     pub fn ratelimit_remaining(&self, remaining: u64) {
-        self.ratelimit_remaining.set(clamp(remaining));
+        self.ratelimit_remaining
+            .with_label_values(&[] as &[&str])
+            .set(clamp(remaining));
     }
 
     /// Records what is left of the client-side budget.
     pub fn budget_remaining(&self, remaining: u64) {
         self.budget_remaining.set(clamp(remaining));
+    }
+
+    /// What the budget gauge holds now.
+    pub fn budget_remaining_value(&self) -> u64 {
+        u64::try_from(self.budget_remaining.get()).unwrap_or(0)
     }
 }
 
@@ -134,6 +156,8 @@ impl Metrics {
     pub fn new(budget: u64) -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let cached = " Cached: set when a poll finishes, not at scrape time.";
+        let rendered =
+            " Cached: as of the last render, at most a second old while a poll cycle runs.";
 
         let users = IntGaugeVec::new(
             Opts::new(
@@ -168,77 +192,84 @@ impl Metrics {
         let tally_mismatch = IntGaugeVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_tally_mismatch",
-                "1 when the last walk's per-status tally disagreed with the counts Cloudflare reports.",
+                format!("1 when the last walk's per-status tally disagreed with the counts Cloudflare reports.{cached}"),
             ),
             &TEST_LABELS,
         )?;
         let poll_success = IntGaugeVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_poll_success",
-                "1 if the last poll of the policy test succeeded, 0 if it failed.",
+                format!("1 if the last poll of the policy test succeeded, 0 if it failed.{cached}"),
             ),
             &TEST_LABELS,
         )?;
         let last_success = GaugeVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_last_success_timestamp_seconds",
-                "Unix time of the policy test's last successful poll.",
+                format!("Unix time of the policy test's last successful poll.{cached}"),
             ),
             &TEST_LABELS,
         )?;
         let walk_duration = GaugeVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_walk_duration_seconds",
-                "Duration of the policy test's last successful walk of its user pages.",
+                format!(
+                    "Duration of the policy test's last successful walk of its user pages.{cached}"
+                ),
             ),
             &TEST_LABELS,
         )?;
         let walk_pages = IntGaugeVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_walk_pages",
-                "User pages fetched by the policy test's last successful walk, the final empty page included.",
+                format!("User pages fetched by the policy test's last successful walk, the final empty page included.{cached}"),
             ),
             &TEST_LABELS,
         )?;
         let poll_failures = IntCounterVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_poll_failures_total",
-                "Failed polls of the policy test, by reason.",
+                format!("Failed polls of the policy test, by reason.{cached}"),
             ),
             &["account_id", "policy_test_id", "name", "reason"],
         )?;
         let deferrals = IntCounterVec::new(
             Opts::new(
                 "cloudflare_access_policy_test_deferrals_total",
-                "Walks of the policy test deferred to the next cycle because the request budget could not fit them.",
+                format!("Walks of the policy test deferred to the next cycle because the request budget could not fit them.{cached}"),
             ),
             &TEST_LABELS,
         )?;
         let requests = IntCounterVec::new(
             Opts::new(
                 "cloudflare_access_api_requests_total",
-                "Requests sent to the Cloudflare API, by endpoint and outcome.",
+                format!("Requests sent to the Cloudflare API, by endpoint and outcome.{rendered}"),
             ),
             &["endpoint", "outcome"],
         )?;
         let errors = IntCounterVec::new(
             Opts::new(
                 "cloudflare_access_api_errors_total",
-                "Cloudflare error codes received in response envelopes; codes outside a known set are counted as \"other\".",
+                format!("Cloudflare error codes received in response envelopes; codes outside a known set are counted as \"other\".{rendered}"),
             ),
             &["code"],
         )?;
         let throttled = IntCounter::new(
             "cloudflare_access_api_throttled_total",
-            "HTTP 429 answers (and rate-limit error codes) received from Cloudflare.",
+            format!(
+                "HTTP 429 answers (and rate-limit error codes) received from Cloudflare.{rendered}"
+            ),
         )?;
-        let ratelimit_remaining = IntGauge::new(
-            "cloudflare_access_api_ratelimit_remaining_requests",
-            "Requests left in Cloudflare's rate-limit window, from the last Ratelimit header seen.",
+        let ratelimit_remaining = IntGaugeVec::new(
+            Opts::new(
+                "cloudflare_access_api_ratelimit_remaining_requests",
+                format!("Requests left in Cloudflare's rate-limit window, from the last Ratelimit header seen; absent until one is seen.{rendered}"),
+            ),
+            &[],
         )?;
         let budget_remaining = IntGauge::new(
             "cloudflare_access_api_budget_remaining_requests",
-            "Requests left in the exporter's own request budget.",
+            format!("Requests left in the exporter's own request budget.{rendered}"),
         )?;
         let budget_requests = IntGauge::new(
             "cloudflare_access_api_budget_requests",
@@ -261,11 +292,11 @@ impl Metrics {
         )?;
         let cycle_duration = Gauge::new(
             "cloudflare_access_exporter_poll_cycle_duration_seconds",
-            "Duration of the last poll cycle over every configured policy test.",
+            format!("Duration of the last poll cycle over every configured policy test.{cached}"),
         )?;
         let cycles = IntCounter::new(
             "cloudflare_access_exporter_poll_cycles_total",
-            "Poll cycles finished.",
+            format!("Poll cycles finished.{cached}"),
         )?;
 
         for collector in [
@@ -305,7 +336,9 @@ impl Metrics {
         budget_requests.set(clamp(budget));
         budget_remaining.set(clamp(budget));
         for endpoint in [Endpoint::Status, Endpoint::Users] {
-            requests.with_label_values(&[endpoint.as_str(), "success"]);
+            for outcome in REQUEST_OUTCOMES {
+                requests.with_label_values(&[endpoint.as_str(), outcome]);
+            }
         }
         for code in KNOWN_ERROR_CODES {
             errors.with_label_values(&[&code.to_string()]);

@@ -11,6 +11,10 @@
 //! The set of tests comes from a [`tokio::sync::watch`] channel, so where
 //! test ids come from (a config file today) stays apart from how a test is
 //! walked ([`crate::walk`]).
+//!
+//! Falls short: a complete test never changes, yet it is walked again every
+//! cycle, spending requests on numbers already known. Starting fresh tests
+//! on a schedule, which would make each walk count, is not built yet.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +22,7 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cloudflare::{Client, TestState};
 use crate::config::PolicyTest;
@@ -27,6 +31,9 @@ use crate::walk::{self, WalkOptions};
 
 /// How often the exposition is re-rendered while a cycle runs.
 const RENDER_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the request budget's gauge is checked between cycles.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// How the poller runs.
 #[derive(Debug, Clone, Copy)]
@@ -88,9 +95,26 @@ impl Poller {
             self.cycle_rendering().await;
             self.ready.send_replace(true);
 
+            self.idle_until(started + self.options.interval).await;
+        }
+    }
+
+    /// Waits for `next` or a wake-up. The request budget refills meanwhile,
+    /// so its gauge is checked every [`IDLE_CHECK_EVERY`] and the exposition
+    /// re-rendered when the gauge moved; nothing else changes between cycles.
+    async fn idle_until(&self, next: Instant) {
+        let mut checks = tokio::time::interval(IDLE_CHECK_EVERY);
+        checks.tick().await;
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(started + self.options.interval) => {}
-                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(next) => return,
+                _ = self.wake.notified() => return,
+                _ = checks.tick() => {
+                    let available = self.client.budget().available();
+                    if self.metrics.api.budget_remaining_value() != available {
+                        self.render().await;
+                    }
+                }
             }
         }
     }
@@ -161,7 +185,7 @@ impl Poller {
         let status = match self.client.status(test).await {
             Ok(status) => status,
             Err(e) => {
-                warn!(policy_test = %test, name = test.name(), reason = e.reason().as_str(), hint = e.hint(), cause = %e, "poll failed");
+                warn!(policy_test = %test, name = test.name(), reason = e.reason().as_str(), status = e.status(), cf_code = e.first_code(), hint = e.hint(), cause = %e, "poll failed");
                 self.metrics.publish_failure(test, e.reason());
                 return PollResult::Failed;
             }
@@ -169,7 +193,7 @@ impl Poller {
         self.metrics.publish_status(test, &status);
 
         if status.state() != TestState::Complete {
-            info!(policy_test = %test, name = test.name(), state = %status.state(), percent_processed = status.percent_users_processed, "policy test not complete; not walked");
+            debug!(policy_test = %test, name = test.name(), state = %status.state(), percent_processed = status.percent_users_processed, "policy test not complete; not walked");
             self.metrics.publish_success(test, None);
             return PollResult::NotComplete;
         }
@@ -193,16 +217,26 @@ impl Poller {
 
         match walk::walk(&self.client, test, &status, self.options.walk).await {
             Ok(walk) => {
-                info!(policy_test = %test, name = test.name(), approved = walk.tally.approved, blocked = walk.tally.blocked, error = walk.tally.error, unknown = walk.tally.unknown, pages = walk.pages, elapsed = ?walk.duration, "walk finished");
+                debug!(policy_test = %test, name = test.name(), approved = walk.tally.approved, blocked = walk.tally.blocked, error = walk.tally.error, unknown = walk.tally.unknown, pages = walk.pages, elapsed = ?walk.duration, "walk finished");
                 self.metrics.publish_success(test, Some(&walk));
                 PollResult::Walked
             }
             Err(e) => {
-                let hint = match &e {
-                    walk::WalkError::Page { source, .. } => source.hint(),
-                    _ => None,
+                let (page, source) = match &e {
+                    walk::WalkError::Page { page, source } => (Some(*page), Some(source)),
+                    _ => (None, None),
                 };
-                warn!(policy_test = %test, name = test.name(), reason = e.reason().as_str(), hint, cause = %e, "walk failed; previous values kept");
+                warn!(
+                    policy_test = %test,
+                    name = test.name(),
+                    reason = e.reason().as_str(),
+                    page,
+                    status = source.and_then(|s| s.status()),
+                    cf_code = source.and_then(|s| s.first_code()),
+                    hint = source.and_then(|s| s.hint()),
+                    cause = %e,
+                    "walk failed; previous values kept"
+                );
                 self.metrics.publish_failure(test, e.reason());
                 PollResult::Failed
             }

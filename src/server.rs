@@ -158,8 +158,9 @@ impl AcceptBackoff {
 }
 
 /// HTTP/1 settings for every connection: a slow client cannot hold a
-/// connection open by never finishing its headers.
-fn http1_builder() -> http1::Builder {
+/// connection open by never finishing its headers. Public so that the
+/// benchmark's bare server (`examples/static_body.rs`) uses the same.
+pub fn http1_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -176,7 +177,7 @@ type Body = Full<Bytes>;
 
 async fn handle(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
     if let Some(web) = &state.web {
-        if !web.authorized(req.headers()) {
+        if !web.authorized(req.headers()).await {
             return Response::builder()
                 .status(StatusCode::UNAUTHORIZED)
                 .header(header::WWW_AUTHENTICATE, "Basic")

@@ -723,7 +723,11 @@ fn status_body(test: &SimTest) -> String {
     .to_string()
 }
 
-fn users_body(test: &SimTest, page: u64, per_page: u64) -> String {
+/// The body the users endpoint sends for `page` of `test` with `per_page`
+/// users a page (before any injected fault): the real shape, one object per
+/// user with `id`, `email`, `name` and, unless the test leaves it out,
+/// `status`. Public for the decode benchmark.
+pub fn users_body(test: &SimTest, page: u64, per_page: u64) -> String {
     let size = test
         .page_cap
         .map_or(per_page, |cap| per_page.min(cap))
@@ -732,7 +736,7 @@ fn users_body(test: &SimTest, page: u64, per_page: u64) -> String {
         Some(from) if page >= from => 1,
         _ => 0,
     };
-    let mut start = ((page - 1) * size).saturating_sub(shift);
+    let mut start = (page.saturating_sub(1).saturating_mul(size)).saturating_sub(shift);
     if test.never_empty && start >= test.users && test.users > 0 {
         start = (test.users - 1) / size * size;
     }

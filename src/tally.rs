@@ -85,16 +85,21 @@ impl Tally {
 
     /// All users counted, whatever their status.
     pub fn total(&self) -> u64 {
-        self.approved + self.blocked + self.error + self.unknown
+        self.approved
+            .saturating_add(self.blocked)
+            .saturating_add(self.error)
+            .saturating_add(self.unknown)
     }
 }
 
 impl AddAssign for Tally {
     fn add_assign(&mut self, other: Tally) {
-        self.approved += other.approved;
-        self.blocked += other.blocked;
-        self.error += other.error;
-        self.unknown += other.unknown;
+        // Saturating: counts come from outside, and a wrapped sum would
+        // pass for a real one.
+        self.approved = self.approved.saturating_add(other.approved);
+        self.blocked = self.blocked.saturating_add(other.blocked);
+        self.error = self.error.saturating_add(other.error);
+        self.unknown = self.unknown.saturating_add(other.unknown);
     }
 }
 

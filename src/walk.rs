@@ -126,9 +126,11 @@ pub fn user_bound(status: &PolicyTestStatus) -> Option<u64> {
     }
 }
 
-/// Requests a walk of a test with `users` users is expected to cost.
+/// Requests a walk of a test with `users` users is expected to cost, with
+/// pages of `per_page` users. It is an estimate made before the walk: a
+/// server that caps pages below `per_page` (seen only on page 1) costs more.
 pub fn expected_requests(users: u64, per_page: u32) -> u64 {
-    users.div_ceil(u64::from(per_page.max(1))) + 1
+    users.div_ceil(u64::from(per_page.max(1))).saturating_add(1)
 }
 
 /// Walks every user page of `test`, whose status said it is complete.
@@ -144,22 +146,23 @@ pub async fn walk(
 
     // Page 1 alone: it tells the page size the server really uses.
     let first = fetch(client, test, 1, options.per_page).await?;
-    progress.add(&first)?;
     progress.slack = first.users;
+    progress.add(&first)?;
     if first.users > 0 {
         let page_size = first.users;
         let last_full = bound.div_ceil(page_size).max(1);
 
         // The pages the count says exist, and the empty one after them.
-        let mut ended = concurrent(client, test, 2, last_full + 1, options, &mut progress).await?;
+        let empty = last_full.saturating_add(1);
+        let mut ended = concurrent(client, test, 2, empty, options, &mut progress).await?;
 
         // The server returned more than the count allows for: carry on one
         // page at a time until an empty page or the bound.
-        let mut page = last_full + 2;
+        let mut page = empty.saturating_add(1);
         while !ended {
             let next = fetch(client, test, page, options.per_page).await?;
             ended = progress.add(&next)?;
-            page += 1;
+            page = page.saturating_add(1);
         }
     }
 
@@ -235,9 +238,9 @@ impl Progress {
         if page.users == 0 {
             return Ok(true);
         }
-        self.seen += page.users;
+        self.seen = self.seen.saturating_add(page.users);
         self.tally += page.tally;
-        if self.seen > self.bound + self.slack {
+        if self.seen > self.bound.saturating_add(self.slack) {
             return Err(WalkError::TooManyPages {
                 pages: self.pages,
                 seen: self.seen,
@@ -309,6 +312,34 @@ mod tests {
         assert_eq!(expected_requests(10_000, 1000), 11);
         assert_eq!(expected_requests(10_001, 1000), 12);
         assert_eq!(expected_requests(0, 1000), 1);
+        assert_eq!(expected_requests(u64::MAX, 1), u64::MAX);
+    }
+
+    #[test]
+    fn counts_near_the_top_of_u64_do_not_wrap() {
+        let huge = PolicyTestStatus {
+            users_approved: Some(u64::MAX),
+            users_blocked: Some(1),
+            users_errored: Some(1),
+            ..Default::default()
+        };
+
+        assert_eq!(huge.reported_sum(), None);
+        assert_eq!(user_bound(&huge), None);
+
+        let mut progress = Progress::new(u64::MAX);
+        progress.slack = u64::MAX;
+        let page = PageTally {
+            users: u64::MAX,
+            tally: Tally {
+                approved: u64::MAX,
+                ..Default::default()
+            },
+        };
+        assert!(!progress.add(&page).expect("within the bound"));
+        assert!(!progress.add(&page).expect("saturates, no wrap"));
+        assert_eq!(progress.tally.approved, u64::MAX);
+        assert_eq!(progress.tally.total(), u64::MAX);
     }
 
     #[test]

@@ -10,22 +10,47 @@
 //! are not re-read on every request, so rotating them needs a restart. The
 //! `http_server_config` section and cipher-suite choices are not supported
 //! and are rejected rather than ignored.
+//!
+//! bcrypt is slow by design, so basic auth runs it on the blocking thread
+//! pool, one check at a time, and remembers the credentials that passed;
+//! see [`WebConfig::authorized`].
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
 
 use crate::input_file::{self, InputFileError};
 
 /// The largest web config, certificate, key or CA file read.
 const MAX_FILE: u64 = 1024 * 1024;
+
+/// How many bcrypt checks run at once. Each costs tens of milliseconds of
+/// CPU; one at a time leaves the other cores to scrapes however many wrong
+/// passwords arrive.
+const BCRYPT_AT_ONCE: usize = 1;
+
+/// The most verified credentials remembered; past it the cache starts
+/// over. bcrypt reads only the first 72 bytes of a password, so a user may
+/// pass with many passwords: the bound keeps them from growing the cache.
+const MAX_VERIFIED: usize = 64;
+
+/// Salt and digest of the hash that unknown user names are checked
+/// against: no password hashes to it. The cost in front of it is that of
+/// the costliest configured hash, so an unknown name takes as long as a
+/// known one.
+const DUMMY_SALT_AND_DIGEST: &str = "8sWow4M3TfVK194sTEdSNeIvDu6KAURrUCPy0cskHpZPJMtGKmOFW";
+
+/// The bcrypt costs the bcrypt crate accepts.
+const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
 
 /// What is wrong with the web config file.
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +117,18 @@ struct RawTls {
 /// The loaded web configuration.
 pub struct WebConfig {
     tls: Option<TlsAcceptor>,
+    /// User name to bcrypt hash.
     users: HashMap<String, String>,
-    /// Hashes of credentials that already passed bcrypt, so that only the
-    /// first request of each pays for it (bcrypt is slow by design).
+    /// What unknown user names are checked against.
+    dummy_hash: String,
+    /// Keyed hashes of credentials that already passed bcrypt, so that only
+    /// the first request with them pays for it; the passwords themselves
+    /// are not kept. Locked only to look up or insert, never across bcrypt.
     verified: Mutex<HashSet<u64>>,
+    /// The key of those hashes, random for each process.
     hasher: RandomState,
+    /// Bounds the bcrypt checks running at once to [`BCRYPT_AT_ONCE`].
+    bcrypt_permits: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for WebConfig {
@@ -138,21 +170,34 @@ impl WebConfig {
         };
 
         let users = raw.basic_auth_users.unwrap_or_default();
+        let mut highest_cost = *BCRYPT_COSTS.start();
         for (user, hash) in &users {
-            if hash.parse::<bcrypt::HashParts>().is_err() {
-                return Err(WebConfigError::User {
-                    path: path.to_owned(),
-                    user: user.clone(),
-                    message: "not a bcrypt hash".to_owned(),
-                });
+            let bad = |message: String| WebConfigError::User {
+                path: path.to_owned(),
+                user: user.clone(),
+                message,
+            };
+            let cost = hash
+                .parse::<bcrypt::HashParts>()
+                .map_err(|_| bad("not a bcrypt hash".to_owned()))?
+                .get_cost();
+            if !BCRYPT_COSTS.contains(&cost) {
+                return Err(bad(format!(
+                    "bcrypt cost {cost} is outside {}..={}",
+                    BCRYPT_COSTS.start(),
+                    BCRYPT_COSTS.end()
+                )));
             }
+            highest_cost = highest_cost.max(cost);
         }
 
         Ok(WebConfig {
             tls,
             users,
+            dummy_hash: format!("$2b${highest_cost:02}${DUMMY_SALT_AND_DIGEST}"),
             verified: Mutex::new(HashSet::new()),
             hasher: RandomState::new(),
+            bcrypt_permits: Arc::new(Semaphore::new(BCRYPT_AT_ONCE)),
         })
     }
 
@@ -163,27 +208,73 @@ impl WebConfig {
 
     /// Whether the request may proceed: always when no users are
     /// configured, else only with valid basic-auth credentials.
-    pub fn authorized(&self, headers: &http::HeaderMap) -> bool {
+    ///
+    /// Credentials that pass bcrypt are remembered (at most
+    /// `MAX_VERIFIED` of them, as keyed hashes), and later requests with
+    /// them are let through without bcrypt: a scraper pays for bcrypt once.
+    /// Wrong credentials are never remembered and pay for it on every
+    /// request. bcrypt runs on the blocking thread pool, one check at a
+    /// time, so wrong passwords neither hold an async worker nor take more
+    /// than one core; requests with remembered credentials do not wait for
+    /// them. An unknown user name is checked against a dummy hash at the
+    /// highest configured cost, so the answer takes as long as for a known
+    /// name with a wrong password: the time does not tell which names exist.
+    pub async fn authorized(&self, headers: &http::HeaderMap) -> bool {
         if self.users.is_empty() {
             return true;
         }
         let Some((user, password)) = basic_credentials(headers) else {
             return false;
         };
-        let Some(hash) = self.users.get(&user) else {
-            return false;
-        };
+        let known = self.users.get(&user);
+        let hash = known.unwrap_or(&self.dummy_hash).clone();
 
-        let key = self.hasher.hash_one((&user, &password, hash));
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if verified.contains(&key) {
+        let key = self.hasher.hash_one((&user, &password, &hash));
+        if known.is_some() && self.verified().contains(&key) {
             return true;
         }
-        let ok = bcrypt::verify(&password, hash).unwrap_or(false);
+
+        let ok = self.bcrypt_verify(password, hash).await && known.is_some();
         if ok {
+            let mut verified = self.verified();
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
             verified.insert(key);
         }
         ok
+    }
+
+    /// Checks `password` against `hash` on the blocking pool, once a permit
+    /// is free. The permit goes with the check, so a client that hangs up
+    /// does not free it before bcrypt has finished.
+    async fn bcrypt_verify(&self, password: String, hash: String) -> bool {
+        let Ok(permit) = self.bcrypt_permits.clone().acquire_owned().await else {
+            // The semaphore is never closed.
+            return false;
+        };
+        let check = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(password, &hash)
+        });
+
+        match check.await {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(e)) => {
+                debug!(cause = %e, "basic auth: bcrypt refused the hash");
+                false
+            }
+            Err(e) => {
+                warn!(cause = %e, "basic auth: the bcrypt check did not finish");
+                false
+            }
+        }
+    }
+
+    /// The verified-credential cache; a panic elsewhere cannot poison it
+    /// into refusing everyone.
+    fn verified(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -277,32 +368,108 @@ mod tests {
         path
     }
 
-    #[test]
-    fn basic_auth_checks_bcrypt_and_caches() {
-        let dir = tempfile::tempdir().expect("dir");
-        let hash = bcrypt::hash("s3cret", 4).expect("hash");
+    /// Loads a web config with one user, `prometheus`, whose password is
+    /// `s3cret`, hashed at `cost`; returns it with the hash.
+    fn one_user(dir: &Path, cost: u32) -> (WebConfig, String) {
+        let hash = bcrypt::hash("s3cret", cost).expect("hash");
         let path = write(
-            dir.path(),
+            dir,
             "web.yml",
             &format!("basic_auth_users:\n  prometheus: {hash}\n"),
         );
-        let web = WebConfig::load(&path).expect("valid");
-        let header = |creds: &str| {
-            let mut h = http::HeaderMap::new();
-            let value = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(creds)
-            );
-            h.insert(http::header::AUTHORIZATION, value.parse().expect("header"));
-            h
-        };
+        (WebConfig::load(&path).expect("valid"), hash)
+    }
 
-        assert!(web.authorized(&header("prometheus:s3cret")));
-        assert!(web.authorized(&header("prometheus:s3cret")));
-        assert!(!web.authorized(&header("prometheus:wrong")));
-        assert!(!web.authorized(&header("other:s3cret")));
-        assert!(!web.authorized(&http::HeaderMap::new()));
+    /// Headers with basic-auth credentials `user:password`.
+    fn basic(creds: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        let value = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        );
+        h.insert(http::header::AUTHORIZATION, value.parse().expect("header"));
+        h
+    }
+
+    #[tokio::test]
+    async fn basic_auth_checks_bcrypt_and_caches() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (web, hash) = one_user(dir.path(), 4);
+
+        assert!(web.authorized(&basic("prometheus:s3cret")).await);
+        assert!(web.authorized(&basic("prometheus:s3cret")).await);
+        assert_eq!(web.verified().len(), 1);
+        assert!(!web.authorized(&basic("prometheus:wrong")).await);
+        assert!(!web.authorized(&basic("other:s3cret")).await);
+        assert!(!web.authorized(&http::HeaderMap::new()).await);
+        assert_eq!(web.verified().len(), 1);
         assert!(!format!("{web:?}").contains(&hash));
+    }
+
+    #[tokio::test]
+    async fn unknown_users_and_wrong_passwords_are_refused_alike() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (web, _) = one_user(dir.path(), 5);
+
+        for creds in [
+            "prometheus:wrong",
+            "prometheus:",
+            "intruder:s3cret",
+            "intruder:wrong",
+            ":s3cret",
+        ] {
+            assert!(!web.authorized(&basic(creds)).await, "{creds}");
+            assert!(!web.authorized(&basic(creds)).await, "{creds}, again");
+        }
+        assert!(web.verified().is_empty());
+
+        // Unknown names are checked at the cost of the configured hash.
+        let dummy: bcrypt::HashParts = web.dummy_hash.parse().expect("dummy");
+        assert_eq!(dummy.get_cost(), 5);
+        assert_eq!(bcrypt::verify("s3cret", &web.dummy_hash).ok(), Some(false));
+        assert_eq!(bcrypt::verify("", &web.dummy_hash).ok(), Some(false));
+    }
+
+    #[test]
+    fn bcrypt_runs_off_the_async_worker_and_holds_no_lock() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (web, _) = one_user(dir.path(), 4);
+        // One async thread and one blocking thread, which the test takes:
+        // a wrong password's check can then only wait, and must not keep
+        // the remembered credentials of a scraper from getting through.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .expect("runtime");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+
+        let (right, wrong) = (basic("prometheus:s3cret"), basic("prometheus:wrong"));
+
+        runtime.block_on(async {
+            assert!(web.authorized(&right).await);
+            let busy = tokio::task::spawn_blocking(move || held.recv());
+
+            let wrong = web.authorized(&wrong);
+            tokio::pin!(wrong);
+            tokio::select! {
+                biased;
+                _ = &mut wrong => panic!("bcrypt ran on the async worker"),
+                ok = web.authorized(&right) => assert!(ok),
+            }
+
+            release.send(()).expect("release");
+            busy.await.expect("join").expect("recv");
+            assert!(!wrong.await);
+        });
+    }
+
+    #[test]
+    fn dummy_hashes_parse_at_every_cost() {
+        for cost in BCRYPT_COSTS {
+            let dummy = format!("$2b${cost:02}${DUMMY_SALT_AND_DIGEST}");
+            let parts: bcrypt::HashParts = dummy.parse().expect("dummy");
+            assert_eq!(parts.get_cost(), cost);
+        }
     }
 
     #[test]
@@ -323,10 +490,16 @@ mod tests {
             "c.yml",
             "basic_auth_users:\n  alice: plaintext\n",
         );
+        let cost = write(
+            dir.path(),
+            "d.yml",
+            &format!("basic_auth_users:\n  bob: $2b$03${DUMMY_SALT_AND_DIGEST}\n"),
+        );
 
         let unknown = WebConfig::load(&unknown).expect_err("invalid").to_string();
         let missing = WebConfig::load(&missing).expect_err("invalid").to_string();
         let user = WebConfig::load(&user).expect_err("invalid").to_string();
+        let cost = WebConfig::load(&cost).expect_err("invalid").to_string();
 
         assert!(unknown.contains("bogus"), "{unknown}");
         assert!(
@@ -334,6 +507,10 @@ mod tests {
             "{missing}"
         );
         assert!(user.contains("basic_auth_users.alice"), "{user}");
+        assert!(
+            cost.ends_with("basic_auth_users.bob: bcrypt cost 3 is outside 4..=31"),
+            "{cost}"
+        );
     }
 
     #[test]

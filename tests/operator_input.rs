@@ -3,32 +3,20 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{sim_test, simulator, write_config, Exporter, Samples, ACCOUNT};
+use cloudflare_access_exporter::simulator::{SimOptions, Simulator};
+use common::{sim_test, simulator, write_config, Exporter, Finished, Samples, ACCOUNT};
 
 const A: &str = "aaaa-0001";
 const B: &str = "bbbb-0002";
 
-/// Runs the binary to completion with `args` and `env`; returns (status, stdout, stderr).
-fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudflare-access-exporter"));
-    cmd.args(["--web.listen-address", "127.0.0.1:1"])
-        .args(args)
-        .env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("CLOUDFLARE_API_KEY")
-        .env_remove("CLOUDFLARE_API_EMAIL")
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run binary");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Runs the binary to its end with a listen address before `args` (a
+/// second one there is then a duplicate).
+fn run(args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let args = [&["--web.listen-address", "127.0.0.1:1"], args].concat();
+    common::run_to_end(&args, env)
 }
 
 #[test]
@@ -124,7 +112,11 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
 
     for (what, args, env, expected) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, stdout, stderr) = run(&args, &env);
+        let Finished {
+            code,
+            stdout,
+            stderr,
+        } = run(&args, &env);
         assert_eq!(code, Some(2), "{what}: stderr {stderr}");
         assert!(stdout.is_empty(), "{what}: stdout {stdout}");
         for needle in expected {
@@ -149,7 +141,11 @@ fn email_beside_a_token_is_ignored_with_one_warning() {
     let config = write_config(dir.path(), &[(A, None)]);
     let config = config.to_str().expect("path");
 
-    let (code, stdout, stderr) = run(
+    let Finished {
+        code,
+        stdout,
+        stderr,
+    } = run(
         &["--config.check", "--config.file", config],
         &[
             ("CLOUDFLARE_API_TOKEN", "tok-zzz9"),
@@ -173,7 +169,7 @@ fn email_beside_a_token_is_ignored_with_one_warning() {
     assert!(!stderr.contains("zzz"), "a secret in {stderr}");
 
     // Without the email, no warning.
-    let (code, _, stderr) = run(
+    let Finished { code, stderr, .. } = run(
         &["--config.check", "--config.file", config],
         &[("CLOUDFLARE_API_TOKEN", "tok-zzz9")],
     );
@@ -188,7 +184,7 @@ fn config_check_validates_without_polling() {
     let token = dir.path().join("token");
     std::fs::write(&token, "tok\n").expect("token");
 
-    let (code, stdout, _) = run(
+    let Finished { code, stdout, .. } = run(
         &[
             "--config.check",
             "--config.file",
@@ -204,7 +200,7 @@ fn config_check_validates_without_polling() {
     assert_eq!(stdout.trim(), "configuration is valid: 2 policy tests");
 
     // An empty variable counts as unset, beside the file.
-    let (code, _, stderr) = run(
+    let Finished { code, stderr, .. } = run(
         &[
             "--config.check",
             "--config.file",
@@ -217,7 +213,11 @@ fn config_check_validates_without_polling() {
     assert_eq!(code, Some(0), "{stderr}");
 
     std::fs::write(&config, "policy_tests: nope\n").expect("rewrite");
-    let (code, stdout, stderr) = run(
+    let Finished {
+        code,
+        stdout,
+        stderr,
+    } = run(
         &[
             "--config.check",
             "--config.file",
@@ -374,30 +374,9 @@ async fn reload_keeps_values_of_tests_that_stay_and_drops_removed_ones() {
         .is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secrets_never_reach_logs_metrics_pages_or_errors() {
-    const TOKEN: &str = "sekrit-token-5f0c2a9e";
-    // The simulator refuses this token (403, code 10000), so the failure
-    // paths are logged too; at trace level the HTTP stack logs everything.
-    let sim = simulator().await;
-    sim.add_test(sim_test(A, 1_200));
-    let dir = tempfile::tempdir().expect("dir");
-    let config = write_config(dir.path(), &[(A, None)]);
-    let url = sim.url();
-    let exporter = Exporter::start(
-        &[
-            "--config.file",
-            config.to_str().expect("path"),
-            "--cloudflare.api-url",
-            &url,
-            "--log.level",
-            "trace",
-            "--cloudflare.retry-backoff",
-            "10ms",
-        ],
-        &[("CLOUDFLARE_API_TOKEN", TOKEN)],
-    )
-    .await;
+/// What an exporter shows of itself once ready: its logs, a scrape and the
+/// landing page.
+async fn shown(exporter: &Exporter) -> [(&'static str, String); 3] {
     exporter.wait_ready().await;
     let scrape = exporter.scrape().await;
     let landing = common::http()
@@ -408,39 +387,101 @@ async fn secrets_never_reach_logs_metrics_pages_or_errors() {
         .text()
         .await
         .expect("html");
-    let logs = exporter.logs();
+    [
+        ("logs", exporter.logs()),
+        ("metrics", scrape),
+        ("landing page", landing),
+    ]
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_metrics_pages_or_errors() {
+    const TOKEN: &str = "sekrit-token-5f0c2a9e";
+    const KEY: &str = "sekrit-key-q7zv";
+    const EMAIL: &str = "ops@example.com";
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path(), &[(A, None)]);
+    let config = config.to_str().expect("path");
+
+    // The token scheme. The simulator refuses this token (403, code
+    // 10000), so the failure paths are logged too; at trace level the HTTP
+    // stack logs everything.
+    let sim = simulator().await;
+    sim.add_test(sim_test(A, 1_200));
+    let url = sim.url();
+    let exporter = Exporter::start(
+        &[
+            "--config.file",
+            config,
+            "--cloudflare.api-url",
+            &url,
+            "--log.level",
+            "trace",
+            "--cloudflare.retry-backoff",
+            "10ms",
+        ],
+        &[("CLOUDFLARE_API_TOKEN", TOKEN)],
+    )
+    .await;
+    let shown_with_token = shown(&exporter).await;
+
+    let logs = &shown_with_token[0].1;
     assert!(
         logs.contains("level=trace target=hyper"),
         "trace logging is on"
     );
     assert!(logs.contains("Access: Policy Test Read"));
-    for (what, text) in [
-        ("logs", &logs),
-        ("metrics", &scrape),
-        ("landing page", &landing),
-    ] {
+    for (what, text) in &shown_with_token {
         assert!(!text.contains(TOKEN), "token in {what}");
         assert!(!text.contains("5f0c2a9e"), "token part in {what}");
     }
 
-    // And the key scheme, with a key file.
+    // The key scheme, alone: an email and a key file. The simulator takes
+    // this key, so the requests carrying it succeed, and the success paths
+    // are logged at trace level.
     let key_file = dir.path().join("key");
-    std::fs::write(&key_file, "sekrit-key-77aa\n").expect("key");
-    let (code, _, stderr) = run(
+    std::fs::write(&key_file, format!("{KEY}\n")).expect("key");
+    let sim = Simulator::start(SimOptions {
+        token: None,
+        key: Some((EMAIL.to_owned(), KEY.to_owned())),
+        ..SimOptions::default()
+    })
+    .await
+    .expect("simulator");
+    sim.add_test(sim_test(A, 1_200));
+    let url = sim.url();
+    let exporter = Exporter::start(
         &[
-            "--config.check",
             "--config.file",
-            config.to_str().expect("path"),
+            config,
+            "--cloudflare.api-url",
+            &url,
             "--cloudflare.api-key-file",
             key_file.to_str().expect("path"),
             "--log.level",
             "trace",
         ],
-        &[("CLOUDFLARE_API_TOKEN", TOKEN)],
+        &[("CLOUDFLARE_API_EMAIL", EMAIL)],
+    )
+    .await;
+    let shown_with_key = shown(&exporter).await;
+
+    assert!(
+        shown_with_key[0].1.contains("level=trace target=hyper"),
+        "trace logging is on"
     );
-    assert_eq!(code, Some(2));
-    assert!(!stderr.contains("sekrit"), "{stderr}");
+    let scrape = Samples::parse(&shown_with_key[1].1);
+    assert_eq!(
+        scrape.test("cloudflare_access_policy_test_poll_success", A, A, &[]),
+        Some(1.0),
+        "the key was sent and taken: {}",
+        shown_with_key[0].1
+    );
+    assert!(sim.requests().iter().all(|r| r.authorized));
+    for (what, text) in &shown_with_key {
+        assert!(!text.contains(KEY), "key in {what}");
+        assert!(!text.contains("q7zv"), "key part in {what}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

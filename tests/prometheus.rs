@@ -7,6 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cloudflare_access_exporter::simulator::{Fault, Target};
 use common::stack::{ensure, prometheus};
 use common::{sim_test, simulator, write_config, Exporter, ACCOUNT};
 
@@ -102,10 +103,11 @@ fn promtool_check(exposition: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_finds_nothing_wrong_with_a_real_scrape() {
-    // Failures, throttles and error codes included, so that every family
-    // has samples.
+    // A failed test (error code 7003) and a throttle (retried after 1 s)
+    // included, so that the error and throttle families have samples.
     let sim = simulator().await;
     sim.add_test(sim_test(TEST_ID, 1_200));
+    sim.inject(Target::Status, Some(TEST_ID), 1, Fault::throttle(Some("1")));
     let dir = tempfile::tempdir().expect("dir");
     let config = write_config(dir.path(), &[(TEST_ID, None), ("gone-missing", None)]);
     let exporter = Exporter::against(&sim, &config, &["--poll.interval", "1h"]).await;
@@ -114,6 +116,10 @@ async fn promtool_finds_nothing_wrong_with_a_real_scrape() {
 
     assert!(
         exposition.contains("cloudflare_access_api_errors_total{code=\"7003\"} 1"),
+        "{exposition}"
+    );
+    assert!(
+        exposition.contains("cloudflare_access_api_throttled_total 1\n"),
         "{exposition}"
     );
     let (ok, printed) = promtool_check(&exposition);

@@ -4,155 +4,15 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, http, write_config, Exporter};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cloudflare-access-exporter");
+use common::{free_port, http, run_to_end, write_config, Exporter};
 
 /// The exact `Content-Type` of the classic text exposition format.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// An exporter process started by these tests, with its standard output and
-/// standard error in files; killed on drop.
-struct Running {
-    child: Child,
-    port: u16,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Running {
-    /// Starts the binary with a loopback listen address and `args`, without
-    /// waiting for it; Cloudflare credentials are removed from its environment.
-    fn spawn(args: &[&str]) -> Running {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("dir");
-        let stdout = dir.path().join("stdout.log");
-        let stderr = dir.path().join("stderr.log");
-        let child = Command::new(BIN)
-            .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env_remove("CLOUDFLARE_API_TOKEN")
-            .env_remove("CLOUDFLARE_API_KEY")
-            .env_remove("CLOUDFLARE_API_EMAIL")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn exporter");
-        Running {
-            child,
-            port,
-            stdout,
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Sends `request` (built anew each time) until it answers 200, or panics.
-    async fn wait_ok(&mut self, what: &str, request: impl Fn() -> reqwest::RequestBuilder) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = request().send().await {
-                if response.status() == 200 {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("exporter exited with {status}: {}", self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "exporter never {what}: {}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Sends SIGTERM and waits (up to 10 s) for the process to end.
-    fn terminate(&mut self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success(), "could not signal the exporter");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "exporter did not stop on SIGTERM: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Runs the binary to completion with `args` and `env` (credentials removed
-/// unless given), killing it if it runs for more than 20 s.
-fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("CLOUDFLARE_API_KEY")
-        .env_remove("CLOUDFLARE_API_EMAIL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn exporter");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "exporter {args:?} did not exit: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut output = Output {
-        status: child.wait().expect("status"),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_end(&mut output.stdout).expect("stdout");
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_end(&mut output.stderr).expect("stderr");
-    }
-    output
-}
 
 /// Writes a self-signed certificate for localhost and 127.0.0.1 and its key
 /// into `dir` with the `openssl` CLI; returns (cert, key).
@@ -209,11 +69,14 @@ async fn tls_and_basic_auth_from_web_config() {
         ),
     )
     .expect("write web config");
-    let mut exporter = Running::spawn(&[
-        "--demo",
-        "--web.config.file",
-        web_config.to_str().expect("utf-8 path"),
-    ]);
+    let mut exporter = Exporter::spawn(
+        &[
+            "--demo",
+            "--web.config.file",
+            web_config.to_str().expect("utf-8 path"),
+        ],
+        &[],
+    );
 
     cloudflare_access_exporter::install_crypto_provider();
     let pem = std::fs::read(&cert).expect("cert");
@@ -319,7 +182,7 @@ async fn tls_and_basic_auth_from_web_config() {
     assert!(refused.is_err(), "{refused:?}");
 
     // The listener says it is on TLS.
-    let log = exporter.stderr();
+    let log = exporter.logs();
     assert!(
         log.contains("message=listening") && log.contains("tls=true"),
         "{log}"
@@ -372,13 +235,8 @@ fn bad_web_config_exits_2_naming_the_field() {
             ],
             &[],
         );
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "{}: {stderr}",
-            file.display()
-        );
+        let stderr = &output.stderr;
+        assert_eq!(output.code, Some(2), "{}: {stderr}", file.display());
         let error_line = stderr
             .lines()
             .find(|l| l.starts_with("error: "))
@@ -445,20 +303,21 @@ fn logfmt(line: &str) -> Result<Vec<(String, String)>, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_formats_logfmt_and_json() {
     for format in ["json", "logfmt"] {
-        let mut exporter = Running::spawn(&["--demo", "--log.format", format]);
+        let mut exporter = Exporter::spawn(&["--demo", "--log.format", format], &[]);
         let client = http();
         let url = format!("http://127.0.0.1:{}/-/ready", exporter.port);
         exporter.wait_ok("became ready", || client.get(&url)).await;
         // The cycle-finished line is written just after readiness flips.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !exporter.stderr().contains("poll cycle finished") {
-            assert!(Instant::now() < deadline, "{}", exporter.stderr());
+        while !exporter.logs().contains("poll cycle finished") {
+            assert!(Instant::now() < deadline, "{}", exporter.logs());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let status = exporter.terminate();
+        exporter.signal("TERM");
+        let status = exporter.wait_exit(Duration::from_secs(10)).await;
         assert!(status.success(), "{format}: exit {status}");
 
-        let log = exporter.stderr();
+        let log = exporter.logs();
         let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(lines.len() >= 4, "{format}: {log}");
         let mut messages = Vec::new();
@@ -618,34 +477,28 @@ fn config_check_flag() {
     let api = TcpListener::bind("127.0.0.1:0").expect("bind");
     api.set_nonblocking(true).expect("nonblocking");
     let api_url = format!("http://{}/client/v4", api.local_addr().expect("addr"));
-    let listen = format!("127.0.0.1:{}", free_port());
+    // The listen address is taken: a check that tried to listen would fail.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().expect("addr").to_string();
+    let check = [
+        "--config.check",
+        "--config.file",
+        valid.to_str().expect("utf-8 path"),
+        "--cloudflare.api-url",
+        &api_url,
+        "--web.listen-address",
+        &listen,
+    ];
+    let token = [("CLOUDFLARE_API_TOKEN", "a-token-that-is-never-sent")];
 
     let started = Instant::now();
-    let ok = run_to_end(
-        &[
-            "--config.check",
-            "--config.file",
-            valid.to_str().expect("utf-8 path"),
-            "--cloudflare.api-url",
-            &api_url,
-            "--web.listen-address",
-            &listen,
-        ],
-        &[("CLOUDFLARE_API_TOKEN", "a-token-that-is-never-sent")],
-    );
-    let stdout = String::from_utf8_lossy(&ok.stdout);
-    let stderr = String::from_utf8_lossy(&ok.stderr);
-    assert_eq!(ok.status.code(), Some(0), "{stdout}{stderr}");
+    let ok = run_to_end(&check, &token);
+    let (stdout, stderr) = (&ok.stdout, &ok.stderr);
+    assert_eq!(ok.code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("valid"), "{stdout}");
     assert!(stdout.contains('2'), "the test count is printed: {stdout}");
     assert!(!stderr.contains("error"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    match api.accept() {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        other => panic!("--config.check contacted the API: {other:?}"),
-    }
-    // Nor did it start listening.
-    assert!(std::net::TcpStream::connect(&listen).is_err());
 
     // A config with a malformed account id.
     let invalid = dir.path().join("invalid.yml");
@@ -662,11 +515,10 @@ fn config_check_flag() {
             "--cloudflare.api-url",
             &api_url,
         ],
-        &[("CLOUDFLARE_API_TOKEN", "a-token-that-is-never-sent")],
+        &token,
     );
-    let stdout = String::from_utf8_lossy(&bad.stdout);
-    let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert_eq!(bad.status.code(), Some(2), "{stdout}{stderr}");
+    let (stdout, stderr) = (&bad.stdout, &bad.stderr);
+    assert_eq!(bad.code, Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("error:"), "{stderr}");
     assert!(stderr.contains("account_id"), "{stderr}");
     assert!(!stdout.contains("valid"), "{stdout}");
@@ -682,11 +534,24 @@ fn config_check_flag() {
         ],
         &[],
     );
-    assert_eq!(no_token.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&no_token.stderr).contains("error:"));
+    assert_eq!(no_token.code, Some(2));
+    assert!(no_token.stderr.contains("error:"), "{}", no_token.stderr);
 
     match api.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("--config.check contacted the API: {other:?}"),
     }
+
+    // Without --config.check, the same command does try to listen, and
+    // fails on the taken address (before it polls): the first check could
+    // have failed.
+    let serve = run_to_end(&check[1..], &token);
+    assert_eq!(serve.code, Some(1), "{}", serve.stderr);
+    assert!(
+        serve
+            .stderr
+            .contains(&format!("error: cannot listen on {listen}")),
+        "{}",
+        serve.stderr
+    );
 }

@@ -26,6 +26,11 @@ pub const RATELIMIT_RESERVE: u64 = 50;
 /// Cloudflare's rate-limit window.
 pub const WINDOW: Duration = Duration::from_secs(300);
 
+/// The longest a `Retry-After` is obeyed. Cloudflare blocks a throttled
+/// token for five minutes; a longer value comes from a misbehaving proxy, and
+/// obeying it as sent (or a date years ahead) would stop polling for good.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// A token bucket of requests, shared by every walk.
 #[derive(Debug)]
 pub struct RequestBudget {
@@ -98,8 +103,11 @@ impl RequestBudget {
         }
     }
 
-    /// Closes the budget: nothing is sent before `until`.
-    pub fn close_until(&self, until: Instant) {
+    /// Closes the budget for `wait` from now: nothing is sent before then.
+    /// A later close than one already in force extends it; an earlier one
+    /// does not shorten it.
+    pub fn close_for(&self, wait: Duration) {
+        let until = Instant::now() + wait.min(MAX_RETRY_AFTER);
         let mut state = self.lock();
         if state.closed_until.is_none_or(|current| current < until) {
             state.closed_until = Some(until);
@@ -110,16 +118,16 @@ impl RequestBudget {
     /// bucket never holds more than Cloudflare would still accept (less the
     /// reserve), and closes until the reset when the reserve is reached.
     pub fn observe_ratelimit(&self, limit: RateLimit) {
-        let mut state = self.lock();
-        let allowed = limit.remaining.saturating_sub(RATELIMIT_RESERVE) as f64;
-        if state.tokens > allowed {
-            state.tokens = allowed;
-        }
-        if limit.remaining <= RATELIMIT_RESERVE {
-            let until = Instant::now() + limit.reset;
-            if state.closed_until.is_none_or(|current| current < until) {
-                state.closed_until = Some(until);
+        {
+            let mut state = self.lock();
+            let allowed = limit.remaining.saturating_sub(RATELIMIT_RESERVE) as f64;
+            if state.tokens > allowed {
+                state.tokens = allowed;
             }
+        }
+
+        if limit.remaining <= RATELIMIT_RESERVE {
+            self.close_for(limit.reset);
         }
     }
 
@@ -145,7 +153,8 @@ impl RequestBudget {
 pub struct RateLimit {
     /// Requests left in the current window (`r=`).
     pub remaining: u64,
-    /// Time until the window resets (`t=`).
+    /// Time until the window resets (`t=`), at most one [`WINDOW`]: a window
+    /// cannot reset later than its own length from now.
     pub reset: Duration,
 }
 
@@ -163,7 +172,7 @@ impl RateLimit {
                     let value: u64 = value.trim().parse().ok()?;
                     match key.trim() {
                         "r" => remaining = Some(value),
-                        "t" => reset = Some(Duration::from_secs(value)),
+                        "t" => reset = Some(Duration::from_secs(value).min(WINDOW)),
                         _ => {}
                     }
                 }
@@ -178,7 +187,8 @@ impl RateLimit {
 
 /// Reads a `Retry-After` value: delay seconds or an HTTP date. A missing,
 /// zero or unreadable value gives `fallback`, because Cloudflare blocks the
-/// token for minutes once throttled and "0" has been seen in the wild.
+/// token for minutes once throttled and "0" has been seen in the wild. The
+/// result is at most [`MAX_RETRY_AFTER`].
 pub fn retry_after(header: Option<&str>, fallback: Duration) -> Duration {
     let Some(value) = header.map(str::trim) else {
         return fallback;
@@ -193,9 +203,9 @@ pub fn retry_after(header: Option<&str>, fallback: Duration) -> Duration {
         },
     };
     if delay.is_zero() {
-        fallback
+        fallback.min(MAX_RETRY_AFTER)
     } else {
-        delay
+        delay.min(MAX_RETRY_AFTER)
     }
 }
 
@@ -215,6 +225,10 @@ mod tests {
         );
         assert_eq!(RateLimit::parse("garbage"), None);
         assert_eq!(RateLimit::parse(r#""default";r=x;t=1"#), None);
+        assert_eq!(
+            RateLimit::parse(r#""default";r=0;t=18446744073709551615"#).map(|l| l.reset),
+            Some(WINDOW)
+        );
     }
 
     #[test]
@@ -229,6 +243,29 @@ mod tests {
             retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT"), fallback),
             fallback
         );
+        assert_eq!(
+            retry_after(Some("18446744073709551615"), fallback),
+            MAX_RETRY_AFTER
+        );
+        assert_eq!(
+            retry_after(Some("Fri, 01 Jan 9999 00:00:00 GMT"), fallback),
+            MAX_RETRY_AFTER
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_close_is_capped_not_a_panic() {
+        let budget = RequestBudget::new(600);
+        let start = Instant::now();
+
+        budget.close_for(Duration::MAX);
+        budget.observe_ratelimit(RateLimit {
+            remaining: 0,
+            reset: Duration::MAX,
+        });
+
+        let opens = budget.closed_until().expect("closed");
+        assert_eq!(opens - start, MAX_RETRY_AFTER);
     }
 
     #[tokio::test(start_paused = true)]
@@ -252,7 +289,7 @@ mod tests {
     async fn closed_budget_sends_nothing_until_it_opens() {
         let budget = RequestBudget::new(600);
         let start = Instant::now();
-        budget.close_until(start + Duration::from_secs(30));
+        budget.close_for(Duration::from_secs(30));
 
         assert_eq!(budget.available(), 0);
         budget.acquire().await;

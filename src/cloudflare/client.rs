@@ -22,6 +22,9 @@ use crate::metrics::ApiMetrics;
 /// Cloudflare error codes that mean "slow down" even when sent with HTTP 200.
 const THROTTLE_CODES: [i64; 2] = [971, 10429];
 
+/// The largest response body read, in bytes.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
 /// The most of a body quoted in an error or a debug log.
 const BODY_SNIPPET: usize = 200;
 
@@ -188,6 +191,25 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status of the answer, when there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Http { status, .. }
+            | ApiError::Api { status, .. }
+            | ApiError::Decode { status, .. } => Some(*status),
+            ApiError::RateLimited { .. } => Some(429),
+            ApiError::Transport { .. } => None,
+        }
+    }
+
+    /// The first Cloudflare error code of the answer, when it had any.
+    pub fn first_code(&self) -> Option<i64> {
+        match self {
+            ApiError::Api { errors, .. } => errors.first().map(|e| e.code),
+            _ => None,
+        }
+    }
+
     /// A hint for the operator, when the error has a usual cause.
     pub fn hint(&self) -> Option<&'static str> {
         match self.reason() {
@@ -256,6 +278,23 @@ pub enum ClientError {
     /// `--cloudflare.api-url` is not an http(s) URL.
     #[error("--cloudflare.api-url must be an http:// or https:// URL, got {0:?}")]
     Url(String),
+    /// `--cloudflare.api-url` would send credentials in clear text off this
+    /// host.
+    #[error("--cloudflare.api-url {0:?} would send the credentials unencrypted: use https:// (http:// is accepted for loopback addresses only)")]
+    PlainHttp(String),
+}
+
+/// Whether `url` names this host: `localhost` or a loopback address.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Client {
@@ -266,11 +305,12 @@ impl Client {
         metrics: ApiMetrics,
     ) -> Result<Client, ClientError> {
         let base = options.api_url.trim_end_matches('/').to_owned();
-        let url_ok = reqwest::Url::parse(&base)
-            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .unwrap_or(false);
-        if !url_ok {
-            return Err(ClientError::Url(options.api_url));
+        let url = reqwest::Url::parse(&base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| ClientError::Url(options.api_url.clone()))?;
+        if url.scheme() == "http" && !is_loopback(&url) {
+            return Err(ClientError::PlainHttp(options.api_url));
         }
 
         crate::install_crypto_provider();
@@ -283,6 +323,10 @@ impl Client {
             .connect_timeout(options.connect_timeout)
             .timeout(options.request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
+            // Credentials go to the configured host only: reqwest drops
+            // `Authorization` on a redirect to another host but not
+            // `X-Auth-Key`, and Cloudflare's API does not redirect.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
 
@@ -391,10 +435,7 @@ impl Client {
                 );
             }
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport(endpoint, &e))?;
+        let body = self.read_body(endpoint, status, response).await?;
         debug!(
             endpoint = endpoint.as_str(),
             url,
@@ -406,6 +447,13 @@ impl Client {
         );
 
         if let Some(wait) = throttle_wait {
+            // A 429 may carry Cloudflare's envelope; its codes are counted
+            // as they would be with any other status.
+            if let Ok(envelope) = serde_json::from_slice::<Envelope<serde::de::IgnoredAny>>(&body) {
+                for e in &envelope.errors {
+                    self.metrics.error_code(e.code);
+                }
+            }
             return Err(self.throttled(endpoint, wait));
         }
 
@@ -427,6 +475,44 @@ impl Client {
         outcome
     }
 
+    /// Reads a body of at most [`MAX_BODY`] bytes. A 1,000-user page is
+    /// about 250 KB; anything past the cap is not Cloudflare's answer and is
+    /// a decode failure, not memory spent.
+    async fn read_body(
+        &self,
+        endpoint: Endpoint,
+        status: u16,
+        mut response: reqwest::Response,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let too_large = || {
+            self.metrics.request(endpoint, "decode");
+            ApiError::Decode {
+                endpoint: endpoint.as_str(),
+                status,
+                message: format!("body larger than {MAX_BODY} bytes"),
+            }
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY as u64)
+        {
+            return Err(too_large());
+        }
+
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport(endpoint, &e))?
+        {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
     /// Counts a request that got no HTTP answer (or lost its body).
     fn transport(&self, endpoint: Endpoint, e: &reqwest::Error) -> ApiError {
         self.metrics.request(endpoint, "transport");
@@ -437,7 +523,7 @@ impl Client {
     }
 
     fn throttled(&self, endpoint: Endpoint, wait: Duration) -> ApiError {
-        self.budget.close_until(Instant::now() + wait);
+        self.budget.close_for(wait);
         self.metrics.request(endpoint, "rate_limited");
         self.metrics.throttled();
         self.metrics.budget_remaining(0);
@@ -528,6 +614,144 @@ fn snippet(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::config::{AccountId, PolicyTestId};
+    use crate::credentials::Secret;
+    use crate::metrics::Metrics;
+
+    const KEY: &str = "key-that-must-stay-home-5f3a";
+
+    fn client(api_url: &str) -> Result<Client, ClientError> {
+        let metrics = Metrics::new(600).expect("metrics");
+        Client::new(
+            ClientOptions {
+                api_url: api_url.to_owned(),
+                credentials: Credentials::Key {
+                    email: "ops@example.com".to_owned(),
+                    key: Secret::new(KEY.to_owned()),
+                },
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(10),
+                max_retries: 0,
+                throttle_backoff: Duration::from_secs(1),
+                retry_base: Duration::from_millis(1),
+            },
+            Arc::new(RequestBudget::new(600)),
+            metrics.api.clone(),
+        )
+    }
+
+    fn policy_test() -> PolicyTest {
+        PolicyTest::new(
+            AccountId::try_from("023e105f4ecef8ad9ca31a8372d0c353".to_owned()).expect("account"),
+            PolicyTestId::try_from("f1a8b3c9".to_owned()).expect("id"),
+            None,
+        )
+    }
+
+    /// A one-connection server that reads a request, writes `head` and then
+    /// `body_bytes` bytes of `x`, and returns the request it read.
+    async fn serve_once(
+        head: String,
+        body_bytes: usize,
+    ) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/client/v4", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return String::new();
+            };
+            let mut request = vec![0u8; 8192];
+            let n = socket.read(&mut request).await.unwrap_or(0);
+            let _ = socket.write_all(head.as_bytes()).await;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < body_bytes {
+                let n = chunk.len().min(body_bytes - sent);
+                if socket.write_all(&chunk[..n]).await.is_err() {
+                    break;
+                }
+                sent += n;
+            }
+            String::from_utf8_lossy(&request[..n]).into_owned()
+        });
+        (url, server)
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback() {
+        for ok in [
+            "https://api.cloudflare.com/client/v4",
+            "http://127.0.0.1:8080/client/v4",
+            "http://127.9.9.9/x",
+            "http://[::1]:1/x",
+            "http://LOCALHOST:1/x",
+        ] {
+            assert!(client(ok).is_ok(), "{ok}");
+        }
+        for plain in [
+            "http://api.cloudflare.com/client/v4",
+            "http://10.0.0.1/x",
+            "http://localhost.evil.example/x",
+        ] {
+            let err = client(plain).expect_err(plain).to_string();
+            assert!(err.contains("https://") && err.contains(plain), "{err}");
+        }
+        assert!(matches!(client("ftp://x"), Err(ClientError::Url(_))));
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_and_the_key_stays_home() {
+        let elsewhere = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let target = format!("http://{}/steal", elsewhere.local_addr().expect("addr"));
+        let head = format!("HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n");
+        let (url, server) = serve_once(head, 0).await;
+
+        let err = client(&url)
+            .expect("client")
+            .status(&policy_test())
+            .await
+            .expect_err("a redirect is not an answer");
+
+        assert_eq!(err.status(), Some(302));
+        assert!(
+            server.await.expect("server").contains(KEY),
+            "the configured host got the key"
+        );
+        let followed = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(followed.is_err(), "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_a_decode_failure_not_memory() {
+        for (label, head) in [
+            (
+                "declared",
+                format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1),
+            ),
+            (
+                "undeclared",
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n".to_owned(),
+            ),
+        ] {
+            let (url, server) = serve_once(head, MAX_BODY + 1).await;
+
+            let err = client(&url)
+                .expect("client")
+                .users_page(&policy_test(), 1, 1000)
+                .await
+                .expect_err(label);
+
+            assert!(
+                matches!(&err, ApiError::Decode { message, .. } if message.contains("larger than")),
+                "{label}: {err}"
+            );
+            server.abort();
+        }
+    }
 
     #[test]
     fn envelope_with_success_false_is_an_error_even_with_200() {

@@ -68,14 +68,31 @@ fn lenient_messages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ApiMessage>, 
                 serde_json::Value::String(s) => s.trim().parse().unwrap_or(0),
                 _ => 0,
             },
-            message: match r.message {
+            message: shorten(match r.message {
                 serde_json::Value::String(s) => s,
                 serde_json::Value::Null => String::new(),
                 other => other.to_string(),
-            },
+            }),
         })
+        .take(MAX_MESSAGES)
         .collect();
     Ok(messages)
+}
+
+/// The most of Cloudflare's error messages kept from one answer.
+const MAX_MESSAGES: usize = 8;
+
+/// The most characters of one error message kept, so that a log line stays
+/// a line whatever an answer holds.
+const MAX_MESSAGE_CHARS: usize = 200;
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`], marked with `…` when cut.
+fn shorten(mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 /// The state of a policy test, as the status endpoint reports it.
@@ -178,9 +195,12 @@ impl PolicyTestStatus {
         self.status.unwrap_or(TestState::Unknown)
     }
 
-    /// The sum of the three reported counts, when all three were reported.
+    /// The sum of the three reported counts, when all three were reported
+    /// and their sum is a number (counts near `u64::MAX` are not).
     pub fn reported_sum(&self) -> Option<u64> {
-        Some(self.users_approved? + self.users_blocked? + self.users_errored?)
+        self.users_approved?
+            .checked_add(self.users_blocked?)?
+            .checked_add(self.users_errored?)
     }
 }
 
@@ -227,6 +247,38 @@ impl<'de> Visitor<'de> for PageVisitor {
     }
 }
 
+/// The visitor methods for JSON values that carry no status (null, booleans,
+/// numbers, arrays), each giving `$unknown`: a lenient decoder counts an odd
+/// value as unknown instead of failing the page.
+macro_rules! anything_else_is_unknown {
+    ($unknown:expr) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($unknown)
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($unknown)
+        }
+
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($unknown)
+        }
+
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($unknown)
+        }
+
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($unknown)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($unknown)
+        }
+    };
+}
+
 /// One element of a user page, reduced to its status. Anything that is not
 /// an object with a known `status` string counts as `Unknown`.
 struct UserEntry(UserStatus);
@@ -259,34 +311,11 @@ impl<'de> Visitor<'de> for UserEntryVisitor {
         Ok(UserEntry(status))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UserEntry, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(UserEntry(UserStatus::Unknown))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<UserEntry, E> {
-        Ok(UserEntry(UserStatus::Unknown))
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<UserEntry, E> {
-        Ok(UserEntry(UserStatus::Unknown))
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<UserEntry, E> {
-        Ok(UserEntry(UserStatus::Unknown))
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<UserEntry, E> {
-        Ok(UserEntry(UserStatus::Unknown))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<UserEntry, E> {
-        Ok(UserEntry(UserStatus::Unknown))
-    }
-
     fn visit_str<E: de::Error>(self, _: &str) -> Result<UserEntry, E> {
         Ok(UserEntry(UserStatus::Unknown))
     }
+
+    anything_else_is_unknown!(UserEntry(UserStatus::Unknown));
 }
 
 /// A key of a user object: only `status` matters.
@@ -337,35 +366,12 @@ impl<'de> Deserialize<'de> for StatusValue {
                 Ok(StatusValue(UserStatus::from_api(s)))
             }
 
-            fn visit_unit<E: de::Error>(self) -> Result<StatusValue, E> {
-                Ok(StatusValue(UserStatus::Unknown))
-            }
-
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<StatusValue, E> {
-                Ok(StatusValue(UserStatus::Unknown))
-            }
-
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<StatusValue, E> {
-                Ok(StatusValue(UserStatus::Unknown))
-            }
-
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<StatusValue, E> {
-                Ok(StatusValue(UserStatus::Unknown))
-            }
-
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<StatusValue, E> {
-                Ok(StatusValue(UserStatus::Unknown))
-            }
-
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StatusValue, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(StatusValue(UserStatus::Unknown))
             }
 
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StatusValue, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(StatusValue(UserStatus::Unknown))
-            }
+            anything_else_is_unknown!(StatusValue(UserStatus::Unknown));
         }
 
         d.deserialize_any(ValueVisitor)
@@ -393,6 +399,21 @@ mod tests {
         assert_eq!(got.tally.blocked, 1);
         assert_eq!(got.tally.error, 1);
         assert_eq!(got.tally.unknown, 0);
+    }
+
+    #[test]
+    fn long_and_many_error_messages_are_kept_short() {
+        let errors: Vec<String> = (0..50)
+            .map(|i| format!(r#"{{"code":{i},"message":"{}"}}"#, "é".repeat(5000)))
+            .collect();
+        let json = format!(r#"{{"success":false,"errors":[{}]}}"#, errors.join(","));
+
+        let env: Envelope<PageTally> = serde_json::from_str(&json).expect("decodes");
+
+        assert_eq!(env.errors.len(), MAX_MESSAGES);
+        assert_eq!(env.errors[7].code, 7);
+        assert_eq!(env.errors[0].message.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(env.errors[0].message.ends_with('…'));
     }
 
     #[test]

@@ -48,11 +48,70 @@ pub fn write_config(dir: &Path, tests: &[(&str, Option<&str>)]) -> PathBuf {
     path
 }
 
-/// A running exporter process; killed on drop.
+/// The exporter binary without standard input and without the Cloudflare
+/// credentials of the caller's environment: a test gives its own.
+pub fn binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudflare-access-exporter"));
+    cmd.env_remove("CLOUDFLARE_API_TOKEN")
+        .env_remove("CLOUDFLARE_API_KEY")
+        .env_remove("CLOUDFLARE_API_EMAIL")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// How a run of the binary to its end went.
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit code; `None` when a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args` and `env` to its end, killing it (and
+/// failing) if it runs for more than 20 s.
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Finished {
+    // Files rather than pipes: a full pipe cannot stall the process.
+    let dir = tempfile::tempdir().expect("dir");
+    let stdout = dir.path().join("stdout");
+    let stderr = dir.path().join("stderr");
+    let mut cmd = binary();
+    cmd.args(args)
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn exporter");
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("exporter {args:?} did not exit: {}", read(&stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    Finished {
+        code: status.code(),
+        stdout: read(&stdout),
+        stderr: read(&stderr),
+    }
+}
+
+/// A running exporter process, its standard error in `log` and its
+/// standard output in `stdout`; killed on drop.
 pub struct Exporter {
     pub child: Child,
     pub port: u16,
     pub log: PathBuf,
+    pub stdout: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -64,48 +123,64 @@ impl Drop for Exporter {
 }
 
 impl Exporter {
-    /// Starts the binary with `args` (plus a listen address) and `env`, and
-    /// waits until `/-/healthy` answers.
+    /// Starts the binary with `args` (plus a loopback listen address) and
+    /// `env`, and waits until `/-/healthy` answers.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Exporter {
+        let mut exporter = Exporter::spawn(args, env);
+        let client = http();
+        let healthy = exporter.url("/-/healthy");
+        exporter
+            .wait_ok("answered /-/healthy", || client.get(&healthy))
+            .await;
+        exporter
+    }
+
+    /// Starts the binary with `args` (plus a loopback listen address) and
+    /// `env`, without waiting for it: for a test that reaches it its own
+    /// way (over TLS, with credentials).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Exporter {
         let port = free_port();
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("exporter.log");
-        let listen = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloudflare-access-exporter"));
-        cmd.args(["--web.listen-address", &listen])
+        let stdout = dir.path().join("stdout.log");
+        let mut cmd = binary();
+        cmd.args(["--web.listen-address", &format!("127.0.0.1:{port}")])
             .args(args)
-            .env_remove("CLOUDFLARE_API_TOKEN")
-            .env_remove("CLOUDFLARE_API_KEY")
-            .env_remove("CLOUDFLARE_API_EMAIL")
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"));
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn exporter");
-        let exporter = Exporter {
+        Exporter {
             child,
             port,
             log,
+            stdout,
             _dir: dir,
-        };
+        }
+    }
 
-        let client = http();
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Sends `request` (built anew each time) until it answers 200; panics
+    /// if the process exits or 30 s pass first.
+    pub async fn wait_ok(&mut self, what: &str, request: impl Fn() -> reqwest::RequestBuilder) {
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = client.get(exporter.url("/-/healthy")).send().await {
-                if r.status() == 200 {
-                    break;
+            if let Ok(response) = request().send().await {
+                if response.status() == 200 {
+                    return;
                 }
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("exporter exited with {status}: {}", self.logs());
             }
             assert!(
                 Instant::now() < deadline,
-                "exporter did not start: {}",
-                exporter.logs()
+                "exporter never {what}: {}",
+                self.logs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        exporter
     }
 
     /// Starts the binary against `sim` with the demo token and `config`.
@@ -150,8 +225,14 @@ impl Exporter {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// What the process wrote to standard error.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the process wrote to standard output.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
     pub async fn scrape(&self) -> String {
