@@ -30,6 +30,9 @@ use crate::webconfig::WebConfig;
 /// Exit status for bad flags, config or credentials.
 const EXIT_USAGE: u8 = 2;
 
+/// Requests Cloudflare allows one token per 5 minutes.
+const CLOUDFLARE_REQUESTS_PER_WINDOW: u32 = 1200;
+
 /// Time the listeners get to stop once a termination signal arrived.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
@@ -71,6 +74,10 @@ pub async fn run(args: Args) -> ExitCode {
         return usage("--demo runs its own simulated tests and takes no --config.file");
     }
     let (source, tests) = if args.demo {
+        let ignored = demo_ignores(&args);
+        if !ignored.is_empty() {
+            warn!(ignored = ignored.join(", "), "--demo talks to its own simulated API with its own token; these settings are not used");
+        }
         match crate::demo::start().await {
             Ok((simulator, tests)) => (TestSource::Demo(simulator), tests),
             Err(e) => {
@@ -116,6 +123,13 @@ pub async fn run(args: Args) -> ExitCode {
     }
     if let Some(addr) = duplicate(&args.listen_addresses) {
         return usage(&format!("--web.listen-address {addr} is given twice"));
+    }
+    if !args.demo && args.request_budget > CLOUDFLARE_REQUESTS_PER_WINDOW {
+        warn!(
+            budget = args.request_budget,
+            cloudflare_allows = CLOUDFLARE_REQUESTS_PER_WINDOW,
+            "--cloudflare.request-budget is above what Cloudflare allows a token per 5 minutes; expect throttling"
+        );
     }
 
     // Metrics, budget and client.
@@ -323,19 +337,44 @@ fn credential_sources(args: &Args) -> Result<CredentialSources, String> {
     })
 }
 
-/// A telemetry path must be a plain absolute path that no other endpoint uses.
+/// The Cloudflare settings `--demo` does not use, by flag or variable name
+/// (never their values).
+fn demo_ignores(args: &Args) -> Vec<&'static str> {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    [
+        (
+            "--cloudflare.api-url",
+            args.api_url != crate::cli::DEFAULT_API_URL,
+        ),
+        ("--cloudflare.api-token-file", args.api_token_file.is_some()),
+        ("--cloudflare.api-key-file", args.api_key_file.is_some()),
+        ("--cloudflare.api-email", args.api_email.is_some()),
+        ("CLOUDFLARE_API_TOKEN", set("CLOUDFLARE_API_TOKEN")),
+        ("CLOUDFLARE_API_KEY", set("CLOUDFLARE_API_KEY")),
+    ]
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect()
+}
+
+/// A telemetry path must be a plain absolute path that no other endpoint
+/// uses, and that a client reaches as written: no empty, `.` or `..`
+/// segments, which clients and proxies normalise away.
 fn check_telemetry_path(path: &str) -> Result<(), String> {
     let plain = path.starts_with('/')
         && path.len() > 1
         && !path.starts_with("/-/")
         && path
             .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+        && path[1..]
+            .split('/')
+            .all(|segment| !matches!(segment, "" | "." | ".."));
     if plain {
         Ok(())
     } else {
         Err(format!(
-            "--web.telemetry-path {path:?} must be an absolute path without spaces, query or fragment, other than / and not under /-/"
+            "--web.telemetry-path {path:?} must be an absolute path without spaces, query, fragment, empty, . or .. segments, other than / and not under /-/"
         ))
     }
 }

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+/// Cloudflare's API, the default `--cloudflare.api-url`.
+pub const DEFAULT_API_URL: &str = "https://api.cloudflare.com/client/v4";
+
 /// The default port: above the crowded 9100–9999 range of exporters.
 pub const DEFAULT_PORT: u16 = 10410;
 
@@ -61,7 +64,7 @@ pub struct Args {
     #[arg(
         long = "cloudflare.api-url",
         env = "CLOUDFLARE_API_URL",
-        default_value = "https://api.cloudflare.com/client/v4"
+        default_value = DEFAULT_API_URL
     )]
     pub api_url: String,
 

@@ -228,11 +228,16 @@ impl Config {
         let raw: Option<RawConfig> = parse_yaml(text).map_err(parse_error)?;
         let raw = raw.ok_or_else(|| parse_error("the file is empty".to_owned()))?;
 
-        let mut seen: Vec<(&AccountId, &PolicyTestId)> = Vec::new();
+        // Ids are hexadecimal or UUIDs, which do not change with case:
+        // `ABC` and `abc` are the same test.
+        let mut seen: Vec<(String, String)> = Vec::new();
         let mut index_of = HashSet::new();
         for (index, test) in raw.policy_tests.iter().enumerate() {
-            let key = (&test.account_id, &test.id);
-            if !index_of.insert(key) {
+            let key = (
+                test.account_id.to_string().to_ascii_lowercase(),
+                test.id.to_string().to_ascii_lowercase(),
+            );
+            if !index_of.insert(key.clone()) {
                 let first = seen.iter().position(|k| *k == key).unwrap_or(0);
                 return Err(ConfigError::Duplicate {
                     path: path.to_owned(),
@@ -516,6 +521,26 @@ mod tests {
 
         assert!(
             err.contains("policy_tests[2]: duplicate of policy_tests[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicates_differing_only_in_case_are_rejected() {
+        let upper = ACCOUNT.to_ascii_uppercase();
+        let err = parse(&format!(
+            "policy_tests:
+  - account_id: {ACCOUNT}
+    id: abc
+  - account_id: {upper}
+    id: ABC
+"
+        ))
+        .expect_err("invalid")
+        .to_string();
+
+        assert!(
+            err.contains("policy_tests[1]: duplicate of policy_tests[0]"),
             "{err}"
         );
     }

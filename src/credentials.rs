@@ -104,8 +104,8 @@ pub enum CredentialsError {
     Read {
         /// Which secret: "API token" or "API key".
         what: &'static str,
-        /// The file named by the flag.
-        path: PathBuf,
+        /// The file named by the flag, as [`shown_secret_path`] shows it.
+        path: String,
         /// The flag that named it.
         flag: &'static str,
         /// Why it failed.
@@ -224,6 +224,19 @@ fn sensitive(what: &'static str, value: String) -> Result<HeaderValue, Credentia
     Ok(header)
 }
 
+/// A secret file's path for an error message. A value with no `/` that is
+/// long enough to be a token or key and names no file is most likely the
+/// secret itself, given where its path belongs: it is not shown.
+fn shown_secret_path(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let looks_like_a_secret = !text.contains('/') && text.chars().count() >= 20 && !path.exists();
+    if looks_like_a_secret {
+        "(not shown: the value given is no file and may be the secret itself; give the path of a file that holds it)".to_owned()
+    } else {
+        text.into_owned()
+    }
+}
+
 /// Reads a secret file, dropping the trailing newline editors and `echo` add.
 fn read_secret(
     what: &'static str,
@@ -233,7 +246,7 @@ fn read_secret(
     let text = input_file::read_to_string(path, MAX_SECRET_FILE).map_err(|source| {
         CredentialsError::Read {
             what,
-            path: path.to_owned(),
+            path: shown_secret_path(path),
             flag,
             source,
         }
@@ -302,6 +315,31 @@ mod tests {
         let auth = &headers[http::header::AUTHORIZATION];
         assert_eq!(auth.to_str().expect("ascii"), "Bearer tok-123");
         assert!(auth.is_sensitive());
+    }
+
+    #[test]
+    fn a_token_given_where_its_file_belongs_is_not_echoed() {
+        let token = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_x";
+        let err = Credentials::resolve(&CredentialSources {
+            token_file: Some(PathBuf::from(token)),
+            ..Default::default()
+        })
+        .expect_err("no such file")
+        .to_string();
+        let missing = Credentials::resolve(&CredentialSources {
+            token_file: Some(PathBuf::from("/run/secrets/cf-token-missing")),
+            ..Default::default()
+        })
+        .expect_err("no such file")
+        .to_string();
+
+        assert!(!err.contains(token), "{err}");
+        assert!(err.contains("--cloudflare.api-token-file"), "{err}");
+        assert!(err.contains("may be the secret itself"), "{err}");
+        assert!(
+            missing.contains("/run/secrets/cf-token-missing"),
+            "{missing}"
+        );
     }
 
     #[test]

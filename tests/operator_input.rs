@@ -63,6 +63,11 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         ("no credentials", vec!["--config.file".into(), good.clone()], vec![], vec!["no Cloudflare credentials"]),
         ("key without email", vec!["--config.file".into(), good.clone()], vec![("CLOUDFLARE_API_KEY", "key-zzz8")], vec!["CLOUDFLARE_API_EMAIL"]),
         ("bad api url", vec!["--config.file".into(), good.clone(), "--cloudflare.api-url".into(), "ftp://x".into()], token.to_vec(), vec!["--cloudflare.api-url"]),
+        ("api url with a query", vec!["--config.file".into(), good.clone(), "--cloudflare.api-url".into(), "https://api.cloudflare.com/client/v4?x=1".into()], token.to_vec(), vec!["--cloudflare.api-url", "query"]),
+        ("api url with a password", vec!["--config.file".into(), good.clone(), "--cloudflare.api-url".into(), "https://u:pw-zzz7@api.cloudflare.com/client/v4".into()], token.to_vec(), vec!["--cloudflare.api-url", "user name or password"]),
+        ("clear-text api url off loopback", vec!["--config.file".into(), good.clone(), "--cloudflare.api-url".into(), "http://api.cloudflare.com/client/v4".into()], token.to_vec(), vec!["--cloudflare.api-url", "unencrypted"]),
+        ("poll interval of five months", vec!["--config.file".into(), good.clone(), "--poll.interval".into(), "5M".into()], token.to_vec(), vec!["--poll.interval", "between 1s and 7days"]),
+        ("telemetry path with a dot-dot segment", vec!["--config.file".into(), good.clone(), "--web.telemetry-path".into(), "/a/../metrics".into()], token.to_vec(), vec!["--web.telemetry-path", ".."]),
         (
             "telemetry path with a space",
             vec!["--config.file".into(), good.clone(), "--web.telemetry-path".into(), "/a b".into()],
@@ -133,6 +138,49 @@ fn bad_input_exits_2_with_one_message_naming_the_fault() {
         );
         assert!(!stderr.contains("zzz"), "{what}: a secret in {stderr}");
     }
+}
+
+#[tokio::test]
+async fn demo_names_the_cloudflare_settings_it_does_not_use() {
+    let exporter = Exporter::start(
+        &[
+            "--demo",
+            "--cloudflare.api-url",
+            "https://example.com/client/v4",
+            "--cloudflare.api-token-file",
+            "/run/secrets/zzz-token",
+        ],
+        &[("CLOUDFLARE_API_KEY", "key-zzz8")],
+    )
+    .await;
+    exporter.wait_ready().await;
+
+    let logs = exporter.logs();
+    // One warning at start-up (the demo's legacy-idp then warns of its
+    // tally mismatch, by design).
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.contains("level=warn") && l.contains("target=cloudflare_access_exporter::app")
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(
+        warnings[0].contains(
+            r#"ignored="--cloudflare.api-url, --cloudflare.api-token-file, CLOUDFLARE_API_KEY""#
+        ),
+        "{logs}"
+    );
+    assert!(!logs.contains("zzz"), "a value in {logs}");
+
+    // The demo still serves its own tests.
+    let samples = Samples::parse(&exporter.scrape().await);
+    let success = samples.matching(
+        "cloudflare_access_policy_test_poll_success",
+        &[("name", "contractors")],
+    );
+    assert_eq!(success.len(), 1, "{success:?}");
+    assert_eq!(success[0].1, 1.0);
 }
 
 #[test]

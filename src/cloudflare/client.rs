@@ -275,13 +275,64 @@ pub enum ClientError {
     /// The TLS stack or HTTP client failed to initialise.
     #[error("cannot build the HTTP client: {0}")]
     Build(String),
-    /// `--cloudflare.api-url` is not an http(s) URL.
-    #[error("--cloudflare.api-url must be an http:// or https:// URL, got {0:?}")]
-    Url(String),
-    /// `--cloudflare.api-url` would send credentials in clear text off this
-    /// host.
-    #[error("--cloudflare.api-url {0:?} would send the credentials unencrypted: use https:// (http:// is accepted for loopback addresses only)")]
-    PlainHttp(String),
+    /// `--cloudflare.api-url` is not a base URL the client can use.
+    #[error("--cloudflare.api-url {shown}: {why}")]
+    Url {
+        /// The URL as given, with any user name and password cut out.
+        shown: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// Checks `--cloudflare.api-url`: an http(s) URL with a host, and nothing
+/// that would be sent somewhere or some way other than the paths appended
+/// to it say: no query or fragment (the paths would land inside them), no
+/// user name or password (reqwest would send them instead of the token),
+/// and `http://` only to this host (credentials never cross a network in
+/// clear text).
+fn check_api_url(given: &str) -> Result<(), ClientError> {
+    let fail = |why| ClientError::Url {
+        shown: shown_url(given),
+        why,
+    };
+    let url = reqwest::Url::parse(given)
+        .map_err(|_| fail("not a URL; expected one like https://api.cloudflare.com/client/v4"))?;
+
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(fail("must be an http:// or https:// URL with a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(fail("must not hold a user name or password; credentials come from CLOUDFLARE_API_TOKEN or the key"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(fail(
+            "must not have a query (?) or fragment (#): request paths are appended to it",
+        ));
+    }
+    if url.scheme() == "http" && !is_loopback(&url) {
+        return Err(fail("would send the credentials unencrypted: use https:// (http:// is accepted for loopback addresses only)"));
+    }
+    Ok(())
+}
+
+/// `given` for an error message: a parsed URL without its user name and
+/// password; text that does not parse, only what follows its last `@`.
+fn shown_url(given: &str) -> String {
+    match reqwest::Url::parse(given) {
+        Ok(mut url) => {
+            if !url.username().is_empty() || url.password().is_some() {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                return format!("{:?} (credentials removed)", url.as_str());
+            }
+            format!("{given:?}")
+        }
+        Err(_) => match given.rsplit_once('@') {
+            Some((_, after)) => format!("{:?}", format!("…@{after}")),
+            None => format!("{given:?}"),
+        },
+    }
 }
 
 /// Whether `url` names this host: `localhost` or a loopback address.
@@ -305,13 +356,7 @@ impl Client {
         metrics: ApiMetrics,
     ) -> Result<Client, ClientError> {
         let base = options.api_url.trim_end_matches('/').to_owned();
-        let url = reqwest::Url::parse(&base)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .ok_or_else(|| ClientError::Url(options.api_url.clone()))?;
-        if url.scheme() == "http" && !is_loopback(&url) {
-            return Err(ClientError::PlainHttp(options.api_url));
-        }
+        check_api_url(&base)?;
 
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
@@ -698,9 +743,31 @@ mod tests {
             "http://localhost.evil.example/x",
         ] {
             let err = client(plain).expect_err(plain).to_string();
-            assert!(err.contains("https://") && err.contains(plain), "{err}");
+            assert!(err.contains("unencrypted") && err.contains(plain), "{err}");
         }
-        assert!(matches!(client("ftp://x"), Err(ClientError::Url(_))));
+    }
+
+    #[test]
+    fn api_urls_that_would_mangle_requests_are_refused_by_name() {
+        for (url, why) in [
+            ("ftp://x", "http:// or https://"),
+            ("nonsense", "not a URL"),
+            ("https://api.cloudflare.com/client/v4?x=1", "query"),
+            ("https://api.cloudflare.com/client/v4#f", "fragment"),
+            (
+                "https://u:pw-SeCrEt@api.cloudflare.com/v4",
+                "user name or password",
+            ),
+            ("http://u:pw-SeCrEt@127.0.0.1:1/v4", "user name or password"),
+        ] {
+            let err = client(url).expect_err(url).to_string();
+
+            assert!(err.starts_with("--cloudflare.api-url "), "{err}");
+            assert!(err.contains(why), "{url}: {err}");
+            assert!(!err.contains("SeCrEt"), "{err}");
+        }
+        let unparsable = shown_url("ht tp://u:SeCrEt@host");
+        assert!(!unparsable.contains("SeCrEt"), "{unparsable}");
     }
 
     #[tokio::test]
