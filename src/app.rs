@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::cli::{Args, LogFormat};
 use crate::cloudflare::{Client, ClientOptions, RequestBudget};
-use crate::config::{Config, PolicyTest};
+use crate::config::{Config, PolicyTest, ReloadError};
 use crate::credentials::{CredentialSources, Credentials, Secret};
 use crate::metrics::Metrics;
 use crate::poll::{PollOptions, Poller};
@@ -291,12 +291,12 @@ fn reload(
     tests: &watch::Sender<Arc<Vec<PolicyTest>>>,
     metrics: &Metrics,
     wake: &Notify,
-) -> Result<(), String> {
+) -> Result<(), ReloadError> {
     let path = match source {
         TestSource::File(path) => path,
         TestSource::Demo(_) => {
             info!("reload requested; the demo has no config file, nothing reloaded");
-            return Err("the demo has no config file; nothing was reloaded".to_owned());
+            return Err(ReloadError::NoConfigFile);
         }
     };
 
@@ -314,7 +314,7 @@ fn reload(
             metrics.config_loaded(false);
             metrics.render();
             error!(cause = %e, "configuration reload failed; the previous configuration stays in use");
-            Err(e.to_string())
+            Err(e.into())
         }
     }
 }

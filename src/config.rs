@@ -22,6 +22,18 @@ use crate::input_file::{self, InputFileError};
 /// The largest config file read: a list of thousands of tests fits.
 const MAX_FILE: u64 = 1024 * 1024;
 
+/// Why a reload (SIGHUP or `POST /-/reload`) changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The demo's tests are built in; there is no file to read again.
+    #[error("the demo has no config file; nothing was reloaded")]
+    NoConfigFile,
+
+    /// The file could not be read or is invalid; the running config stays.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
 /// What went wrong reading the configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::config::PolicyTest;
+use crate::config::{PolicyTest, ReloadError};
 use crate::metrics::{Metrics, CONTENT_TYPE};
 use crate::webconfig::WebConfig;
 
@@ -39,7 +39,7 @@ const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A reload request: the outcome is sent back on the channel.
-pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+pub type ReloadRequest = oneshot::Sender<Result<(), ReloadError>>;
 
 /// What the handlers share.
 #[derive(Debug)]

@@ -274,7 +274,7 @@ pub enum ClientError {
     Credentials(#[from] CredentialsError),
     /// The TLS stack or HTTP client failed to initialise.
     #[error("cannot build the HTTP client: {0}")]
-    Build(String),
+    Build(#[source] reqwest::Error),
     /// `--cloudflare.api-url` is not a base URL the client can use.
     #[error("--cloudflare.api-url {shown}: {why}")]
     Url {
@@ -373,7 +373,7 @@ impl Client {
             // `X-Auth-Key`, and Cloudflare's API does not redirect.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| ClientError::Build(e.to_string()))?;
+            .map_err(ClientError::Build)?;
 
         Ok(Client {
             http,
