@@ -316,22 +316,19 @@ fn check_api_url(given: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// `given` for an error message: a parsed URL without its user name and
-/// password; text that does not parse, only what follows its last `@`.
+/// `given` for an error message: only its scheme, host and port, since a
+/// path, query, fragment or user part may hold a secret; nothing of a value
+/// that has no host.
 fn shown_url(given: &str) -> String {
     match reqwest::Url::parse(given) {
-        Ok(mut url) => {
-            if !url.username().is_empty() || url.password().is_some() {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-                return format!("{:?} (credentials removed)", url.as_str());
+        Ok(url) if url.host_str().is_some() => {
+            let host = url.host_str().unwrap_or_default();
+            match url.port() {
+                Some(port) => format!("\"{}://{host}:{port}/…\"", url.scheme()),
+                None => format!("\"{}://{host}/…\"", url.scheme()),
             }
-            format!("{given:?}")
         }
-        Err(_) => match given.rsplit_once('@') {
-            Some((_, after)) => format!("{:?}", format!("…@{after}")),
-            None => format!("{given:?}"),
-        },
+        _ => "(value not shown)".to_owned(),
     }
 }
 
@@ -743,7 +740,9 @@ mod tests {
             "http://localhost.evil.example/x",
         ] {
             let err = client(plain).expect_err(plain).to_string();
-            assert!(err.contains("unencrypted") && err.contains(plain), "{err}");
+            let host = reqwest::Url::parse(plain).expect("url");
+            let host = host.host_str().expect("host");
+            assert!(err.contains("unencrypted") && err.contains(host), "{err}");
         }
     }
 
@@ -752,8 +751,9 @@ mod tests {
         for (url, why) in [
             ("ftp://x", "http:// or https://"),
             ("nonsense", "not a URL"),
-            ("https://api.cloudflare.com/client/v4?x=1", "query"),
-            ("https://api.cloudflare.com/client/v4#f", "fragment"),
+            ("https://api.cloudflare.com/client/v4?x=SeCrEt", "query"),
+            ("https://api.cloudflare.com/client/v4#SeCrEt", "fragment"),
+            ("u:SeCrEt@api.cloudflare.com", "http:// or https://"),
             (
                 "https://u:pw-SeCrEt@api.cloudflare.com/v4",
                 "user name or password",
