@@ -17,7 +17,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::cloudflare::{Endpoint, FailureReason, PolicyTestStatus, TestState};
+use crate::cloudflare::{Endpoint, FailureReason, Outcome, PolicyTestStatus, TestState};
 use crate::config::PolicyTest;
 use crate::tally::UserStatus;
 use crate::walk::Walk;
@@ -47,22 +47,11 @@ pub struct ApiMetrics {
     budget_remaining: IntGauge,
 }
 
-/// Every `outcome` label value of the request counter.
-const REQUEST_OUTCOMES: [&str; 6] = [
-    "success",
-    "api_error",
-    "http_error",
-    "decode",
-    "transport",
-    "rate_limited",
-];
-
 impl ApiMetrics {
     /// Counts one request attempt by endpoint and outcome.
-    pub fn request(&self, endpoint: Endpoint, outcome: &str) {
-        debug_assert!(REQUEST_OUTCOMES.contains(&outcome), "{outcome}");
+    pub fn request(&self, endpoint: Endpoint, outcome: Outcome) {
         self.requests
-            .with_label_values(&[endpoint.as_str(), outcome])
+            .with_label_values(&[endpoint.as_str(), outcome.as_str()])
             .inc();
     }
 
@@ -336,8 +325,8 @@ impl Metrics {
         budget_requests.set(clamp(budget));
         budget_remaining.set(clamp(budget));
         for endpoint in [Endpoint::Status, Endpoint::Users] {
-            for outcome in REQUEST_OUTCOMES {
-                requests.with_label_values(&[endpoint.as_str(), outcome]);
+            for outcome in Outcome::ALL {
+                requests.with_label_values(&[endpoint.as_str(), outcome.as_str()]);
             }
         }
         for code in KNOWN_ERROR_CODES {

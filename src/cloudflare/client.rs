@@ -47,6 +47,48 @@ impl Endpoint {
     }
 }
 
+/// How one request attempt ended, as the `outcome` label of the request
+/// counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A usable answer.
+    Success,
+    /// Cloudflare's envelope reported errors.
+    ApiError,
+    /// An error status without Cloudflare's envelope.
+    HttpError,
+    /// A body that could not be decoded (or was too large).
+    Decode,
+    /// No HTTP answer.
+    Transport,
+    /// Throttled by Cloudflare.
+    RateLimited,
+}
+
+impl Outcome {
+    /// Every outcome, for pre-initialising the counter.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::ApiError,
+        Outcome::HttpError,
+        Outcome::Decode,
+        Outcome::Transport,
+        Outcome::RateLimited,
+    ];
+
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::ApiError => "api_error",
+            Outcome::HttpError => "http_error",
+            Outcome::Decode => "decode",
+            Outcome::Transport => "transport",
+            Outcome::RateLimited => "rate_limited",
+        }
+    }
+}
+
 /// Why a request to Cloudflare failed, after any retries.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -501,7 +543,7 @@ impl Client {
 
         let outcome = decode::<T>(endpoint, status, &body);
         match &outcome {
-            Ok(_) => self.metrics.request(endpoint, "success"),
+            Ok(_) => self.metrics.request(endpoint, Outcome::Success),
             Err(ApiError::Api { errors, .. }) => {
                 for e in errors {
                     self.metrics.error_code(e.code);
@@ -509,10 +551,10 @@ impl Client {
                 if errors.iter().any(|e| THROTTLE_CODES.contains(&e.code)) {
                     return Err(self.throttled(endpoint, self.throttle_backoff));
                 }
-                self.metrics.request(endpoint, "api_error");
+                self.metrics.request(endpoint, Outcome::ApiError);
             }
-            Err(ApiError::Http { .. }) => self.metrics.request(endpoint, "http_error"),
-            Err(_) => self.metrics.request(endpoint, "decode"),
+            Err(ApiError::Http { .. }) => self.metrics.request(endpoint, Outcome::HttpError),
+            Err(_) => self.metrics.request(endpoint, Outcome::Decode),
         }
         outcome
     }
@@ -527,7 +569,7 @@ impl Client {
         mut response: reqwest::Response,
     ) -> Result<bytes::Bytes, ApiError> {
         let too_large = || {
-            self.metrics.request(endpoint, "decode");
+            self.metrics.request(endpoint, Outcome::Decode);
             ApiError::Decode {
                 endpoint: endpoint.as_str(),
                 status,
@@ -557,7 +599,7 @@ impl Client {
 
     /// Counts a request that got no HTTP answer (or lost its body).
     fn transport(&self, endpoint: Endpoint, e: &reqwest::Error) -> ApiError {
-        self.metrics.request(endpoint, "transport");
+        self.metrics.request(endpoint, Outcome::Transport);
         ApiError::Transport {
             endpoint: endpoint.as_str(),
             message: describe(e),
@@ -566,7 +608,7 @@ impl Client {
 
     fn throttled(&self, endpoint: Endpoint, wait: Duration) -> ApiError {
         self.budget.close_for(wait);
-        self.metrics.request(endpoint, "rate_limited");
+        self.metrics.request(endpoint, Outcome::RateLimited);
         self.metrics.throttled();
         self.metrics.budget_remaining(0);
         warn!(

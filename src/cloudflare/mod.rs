@@ -6,5 +6,5 @@ pub mod client;
 pub mod types;
 
 pub use budget::{RateLimit, RequestBudget};
-pub use client::{ApiError, Client, ClientError, ClientOptions, Endpoint, FailureReason};
+pub use client::{ApiError, Client, ClientError, ClientOptions, Endpoint, FailureReason, Outcome};
 pub use types::{ApiMessage, Envelope, PageTally, PolicyTestStatus, TestState};
